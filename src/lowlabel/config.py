@@ -1,0 +1,228 @@
+"""``params.yaml`` parsed into typed, validated objects — the only place that reads it.
+
+Every other module takes plain arguments (or one of these sections). A wrong key, type or
+value fails here, before any Ray worker starts, with the file, the field's dotted path, the
+value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(gt=0, le=1)]
+
+PRETRAIN_METHODS = ("simclr",)
+SEMISUP_METHODS = ("fixmatch", "supervised")
+FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn")
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml, phrased for the person who edits it."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Literal["fashion_mnist", "imagefolder", "cifar10", "stl10"] = "fashion_mnist"
+    root: str | None = None
+    download: bool = False
+    image_size: PositiveInt | None = None
+    channels: Literal[1, 3] | None = None
+    novel_classes: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [5, 6, 7, 8, 9])
+    labels_per_class: PositiveInt = 4
+    max_train_per_class: PositiveInt | None = None
+    max_test_per_class: PositiveInt | None = None
+    on_corrupt: Literal["skip", "error"] = "skip"
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+
+    @field_validator("novel_classes")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"novel classes must be distinct, got {value}")
+        return sorted(value)
+
+
+class EncoderConfig(_Section):
+    # conv4: the few-shot literature's 4-block ConvNet; resnet18_cifar: timm's ResNet-18
+    # with a 3x3 stride-1 stem and no max-pool (small images); timm:<name>: any timm model.
+    arch: str = "conv4"
+    width: PositiveInt = 64
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value in ("conv4", "resnet18_cifar") or (value.startswith("timm:") and len(value) > 5):
+            return value
+        raise ValueError(f"unknown encoder arch {value!r}; allowed: 'conv4', 'resnet18_cifar', 'timm:<model name>'")
+
+
+class RuntimeConfig(_Section):
+    workers: PositiveInt = 2
+    use_gpu: Literal["auto"] | bool = "auto"
+    cpus_per_worker: PositiveFloat = 1.0
+    loader_workers: Annotated[int, Field(ge=0)] = 0
+    storage_path: str = ".ray/results"
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+    # Explicit cluster address; the RAY_ADDRESS environment variable wins over it.
+    ray_address: str | None = None
+    # Local embedded Ray only: how many CPUs it may use (null: the machine's count).
+    local_num_cpus: PositiveInt | None = None
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "lowlabel"
+
+
+class Optim(_Section):
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: PositiveFloat = 0.03
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    weight_decay: NonNegFloat = 5e-4
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    grad_clip: PositiveFloat | None = None
+
+
+class SimCLRConfig(_Section):
+    temperature: PositiveFloat = 0.2
+    proj_hidden_dim: PositiveInt = 512
+    proj_dim: PositiveInt = 128
+    # Gather negatives from every worker (with gradients); null: on when world size > 1.
+    gather_distributed: bool | None = None
+
+
+class PretrainConfig(_Section):
+    methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr"])  # type: ignore[valid-type]
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 256
+    max_steps_per_epoch: PositiveInt | None = None
+    optim: Optim = Optim(optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_fraction=0.05)
+    crop_scale: tuple[Probability, Probability] = (0.2, 1.0)
+    eval_every: PositiveInt = 1
+    knn_k: PositiveInt = 20
+    simclr: SimCLRConfig = SimCLRConfig()
+
+    @model_validator(mode="after")
+    def _crop(self) -> "PretrainConfig":
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be (low, high) with low <= high, got {self.crop_scale}")
+        return self
+
+
+class FixMatchConfig(_Section):
+    mu: PositiveInt = 7
+    threshold: Probability = 0.95
+    lambda_u: NonNegFloat = 1.0
+
+
+class RandAugmentConfig(_Section):
+    num_ops: PositiveInt = 2
+    magnitude: Annotated[int, Field(ge=0, le=30)] = 10
+    cutout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
+class SemisupConfig(_Section):
+    methods: list[Literal[SEMISUP_METHODS]] = Field(default_factory=lambda: ["fixmatch", "supervised"])  # type: ignore[valid-type]
+    # Which encoder to start from: a pretrain method's name, or "random".
+    init: str = "simclr"
+    steps: PositiveInt = 500
+    eval_every: PositiveInt = 100
+    batch_size: PositiveInt = 32
+    optim: Optim = Optim(optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    fixmatch: FixMatchConfig = FixMatchConfig()
+    randaugment: RandAugmentConfig = RandAugmentConfig()
+
+
+class FewshotConfig(_Section):
+    ways: list[PositiveInt] = Field(default_factory=lambda: [5])
+    shots: list[PositiveInt] = Field(default_factory=lambda: [1, 5])
+    queries: PositiveInt = 15
+    episodes: PositiveInt = 600
+    heads: list[Literal[FEWSHOT_HEADS]] = Field(default_factory=lambda: ["protonet"])  # type: ignore[valid-type]
+    feature_norm: Literal["none", "l2", "center", "center_l2"] = "l2"
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    knn_k: PositiveInt = 20
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0)] = 0
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    semisup: SemisupConfig = SemisupConfig()
+    fewshot: FewshotConfig = FewshotConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Params":
+        if self.semisup.init != "random" and self.semisup.init not in self.pretrain.methods:
+            raise ValueError(
+                f"semisup.init is {self.semisup.init!r}; allowed: 'random' or one of pretrain.methods {self.pretrain.methods}"
+            )
+        for name, batch in (("pretrain.batch_size", self.pretrain.batch_size), ("semisup.batch_size", self.semisup.batch_size)):
+            if batch % self.runtime.workers:
+                raise ValueError(
+                    f"{name} ({batch}) must be a multiple of runtime.workers ({self.runtime.workers}): it is the global batch, split evenly"
+                )
+        return self
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {path}: unknown key (value {item['input']!r}); check the spelling against README's params table")
+        else:
+            lines.append(f"  - {path}: {item['msg']} (got {item['input']!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path))
+
+
+def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the shape MLflow params want."""
+    mapping = params.model_dump(mode="json") if isinstance(params, BaseModel) else params
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,49 @@
+"""Torch datasets over the prepared arrays: N augmented views per image, seeded per sample."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lowlabel.data.augment import View, sample_seed
+
+
+class ViewsDataset(Dataset):
+    """``images[indices[i]]`` under each of ``views``; returns ``(view_0, ..., view_k, target)``.
+
+    ``targets`` are returned alongside for monitoring only (e.g. pseudo-label accuracy);
+    -1 where none is given. ``images`` may be a memory map: only the touched rows are read.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        indices: Sequence[int],
+        views: Sequence[View],
+        targets: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.images = images
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.views = list(views)
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+        if self.targets is not None and len(self.targets) != len(self.indices):
+            raise ValueError(f"{len(self.targets)} targets for {len(self.indices)} images")
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        image = np.asarray(self.images[index])
+        out = [view(image, sample_seed(self.seed, self.epoch, index, v)) for v, view in enumerate(self.views)]
+        target = -1 if self.targets is None else int(self.targets[i])
+        return (*out, torch.tensor(target))

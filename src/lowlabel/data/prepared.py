@@ -1,0 +1,134 @@
+"""The prepared-data folder the prepare stage writes and every later stage reads.
+
+Layout: ``{train,test}_images.npy`` (uint8 N,H,W,C), ``{train,test}_labels.npy`` (int64),
+``split.json`` and ``info.json`` (class names, per-channel mean/std of the training images).
+Images are opened memory-mapped, so a Ray worker touches only the rows of its own shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowlabel.data.splits import Split
+
+
+class PreparedDataError(FileNotFoundError):
+    pass
+
+
+def atomic_dir(target: Path) -> "_AtomicDir":
+    """Write a folder under a temporary name, swap it in only when complete."""
+    return _AtomicDir(Path(target))
+
+
+class _AtomicDir:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_prepared(
+    out_dir: Path,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    split: Split,
+    info: dict[str, Any],
+) -> None:
+    with atomic_dir(out_dir) as tmp:
+        np.save(tmp / "train_images.npy", np.ascontiguousarray(train_images, dtype=np.uint8))
+        np.save(tmp / "train_labels.npy", train_labels.astype(np.int64))
+        np.save(tmp / "test_images.npy", np.ascontiguousarray(test_images, dtype=np.uint8))
+        np.save(tmp / "test_labels.npy", test_labels.astype(np.int64))
+        split.to_json(tmp / "split.json")
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+
+
+def channel_stats(images: np.ndarray, max_images: int = 20000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std in [0,1] units, from a fixed random sample (normalisation constants)."""
+    rng = np.random.default_rng(seed)
+    sample = images[np.sort(rng.permutation(len(images))[:max_images])].astype(np.float64) / 255.0
+    flat = sample.reshape(-1, images.shape[-1])
+    return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    split: Split
+    info: dict[str, Any]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "PreparedData":
+        root = Path(root)
+        needed = ["train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "split.json", "info.json"]
+        absent = [name for name in needed if not (root / name).is_file()]
+        if absent:
+            raise PreparedDataError(f"{root}: prepared data incomplete, missing {absent}; run the prepare stage (dvc repro prepare)")
+        return cls(
+            root=root,
+            train_images=np.load(root / "train_images.npy", mmap_mode="r"),
+            train_labels=np.load(root / "train_labels.npy"),
+            test_images=np.load(root / "test_images.npy", mmap_mode="r"),
+            test_labels=np.load(root / "test_labels.npy"),
+            split=Split.from_json(root / "split.json"),
+            info=json.loads((root / "info.json").read_text()),
+        )
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train_images.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def mean(self) -> list[float]:
+        return self.info["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.info["std"]
+
+    def base_label(self, labels: np.ndarray) -> np.ndarray:
+        """Original class ids -> 0..B-1 in ``split.base_classes`` order (for classifiers)."""
+        lookup = {c: i for i, c in enumerate(self.split.base_classes)}
+        return np.array([lookup[int(c)] for c in labels], dtype=np.int64)

@@ -1,0 +1,55 @@
+"""Frozen-encoder evaluation on held-out images: feature extraction and weighted kNN."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlabel.data.augment import View
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    images: np.ndarray,
+    indices: Sequence[int],
+    view: View,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Encoder outputs (eval mode, no augmentation) for ``images[indices]``, as float32 on CPU."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    indices = np.asarray(indices)
+    for start in range(0, len(indices), batch_size):
+        batch = torch.stack([view(np.asarray(images[i]), 0) for i in indices[start : start + batch_size]]).to(device)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        out.append(encoder(batch).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def knn_accuracy(
+    bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor, k: int = 20, temperature: float = 0.07
+) -> float:
+    """Weighted kNN on cosine similarity (Wu et al. 2018, as solo-learn monitors SSL): accuracy in [0,1].
+
+    Each of the k nearest bank samples votes for its label with weight exp(sim / T).
+    """
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float(), dim=1)
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    k = min(k, len(bank))
+    correct = 0
+    for start in range(0, len(query), 1024):
+        sims, idx = (query[start : start + 1024] @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(idx), num_classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+        correct += (votes.argmax(1) == query_labels[start : start + 1024]).sum().item()
+    return correct / max(1, len(query))

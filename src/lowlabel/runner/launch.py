@@ -1,0 +1,129 @@
+"""Launch a training loop as a Ray Train ``TorchTrainer`` job.
+
+Local embedded Ray when no cluster is named; ``RAY_ADDRESS`` (or ``runtime.ray_address``)
+when one is. Resource requests are checked against the cluster before the job starts, so a
+job that can never be scheduled fails at once instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from lowlabel.env import configure_quiet_env
+
+log = logging.getLogger(__name__)
+
+# Small object store: these jobs pass no data through it, and the box has 2 cores / 24 GiB.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run the job as configured."""
+
+
+def cluster_address(configured: str | None) -> str | None:
+    return os.environ.get("RAY_ADDRESS") or configured
+
+
+def ensure_ray(address: str | None, local_num_cpus: int | None = None) -> None:
+    """Connect to the named cluster, or start a local one sized for this machine."""
+    if ray.is_initialized():
+        return
+    env_vars = configure_quiet_env()
+    src_dir = str(Path(__file__).resolve().parents[2])
+    runtime_env = {"env_vars": {**env_vars, "PYTHONPATH": os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))}}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except Exception as error:  # ConnectionError, TimeoutError, RuntimeError depending on the failure
+            raise ClusterError(f"cannot reach the Ray cluster at RAY_ADDRESS/runtime.ray_address={address!r}: {error}") from error
+        return
+    temp_dir = os.environ.get("LOWLABEL_RAY_TMP") or os.path.join(tempfile.gettempdir(), "lowlabel-ray")
+    ray.init(
+        num_cpus=local_num_cpus or os.cpu_count(),
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        runtime_env=runtime_env,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+    )
+
+
+def resolve_use_gpu(use_gpu: str | bool) -> bool:
+    if use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(use_gpu)
+
+
+def check_resources(workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Fail fast when the cluster can never hold the requested workers."""
+    total = ray.cluster_resources()
+    asked = {"CPU": workers * cpus_per_worker, "GPU": workers if use_gpu else 0}
+    short = {k: (v, total.get(k, 0)) for k, v in asked.items() if v > total.get(k, 0)}
+    if short:
+        detail = ", ".join(f"{k}: asked {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        raise ClusterError(
+            f"runtime.workers={workers} x cpus_per_worker={cpus_per_worker:g}{' + 1 GPU' if use_gpu else ''} cannot be scheduled ({detail}); "
+            "lower runtime.workers / runtime.cpus_per_worker or add nodes"
+        )
+
+
+def check_storage(storage_path: str) -> None:
+    """A local storage path only works when every worker runs on this one machine."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    hosts = {n.get("NodeManagerAddress") for n in nodes}
+    if "://" not in storage_path and len(hosts) > 1:
+        raise ClusterError(
+            f"runtime.storage_path={storage_path!r} is a local path but the cluster has {len(hosts)} hosts; "
+            "use shared storage (s3://..., gs://..., or a filesystem mounted on every node)"
+        )
+
+
+def run_training_job(
+    train_loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    *,
+    name: str,
+    workers: int,
+    use_gpu: str | bool,
+    cpus_per_worker: float,
+    storage_path: str,
+    max_failures: int = 0,
+    ray_address: str | None = None,
+    local_num_cpus: int | None = None,
+) -> ray.train.Result:
+    """Run ``train_loop(config)`` on ``workers`` Ray Train workers; returns the Result.
+
+    The run directory ``storage_path/name`` holds the checkpoints; a re-run under the same
+    name resumes from its latest one (the loop reads ``ray.train.get_checkpoint()``).
+    """
+    ensure_ray(cluster_address(ray_address), local_num_cpus)
+    gpu = resolve_use_gpu(use_gpu)
+    check_resources(workers, cpus_per_worker, gpu)
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    check_storage(storage_path)
+    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**config, "use_gpu": gpu},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    return trainer.fit()
+
+
+def remove_run(storage_path: str, name: str) -> None:
+    """Drop a finished run's checkpoints: its outputs now live in the stage's DVC outs."""
+    if "://" in storage_path:
+        return
+    shutil.rmtree(Path(storage_path).resolve() / name, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""What every training loop does inside a Ray Train worker: set up, checkpoint, report, log.
+
+Checkpoints go through ``ray.train.report`` (rank 0 writes the state; Ray persists it to the
+run's storage); metrics go to MLflow from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_worker(config: dict[str, Any]) -> WorkerContext:
+    """Seed, size the thread pool to this worker's CPUs, and pick device and precision."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    seed_everything(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's weights
+    device = ray.train.torch.get_device()
+    amp = config.get("amp", "auto")
+    amp_dtype = None
+    if device.type == "cuda" and amp != "off":
+        amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return WorkerContext(rank, world, device, amp_dtype, channels_last=device.type == "cuda")
+
+
+def load_state() -> dict[str, Any] | None:
+    """The latest reported state of this run (after a worker failure or a re-run), if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def report(ctx: WorkerContext, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+    """Every rank calls this once per epoch; rank 0 attaches the checkpoint."""
+    if ctx.is_main and state is not None:
+        with tempfile.TemporaryDirectory(prefix="lowlabel-ckpt-") as directory:
+            torch.save(state, Path(directory) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+class MetricsLogger:
+    """Rank-0 MLflow logging to the stage's run (opened by the driver)."""
+
+    def __init__(self, ctx: WorkerContext, tracking_uri: str | None, run_id: str | None) -> None:
+        self.client = None
+        self.run_id = run_id
+        if ctx.is_main and tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if math.isfinite(float(value))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+@dataclass
+class Progress:
+    """Per-epoch progress line: epoch, metrics, throughput and ETA."""
+
+    label: str
+    total: int
+    unit: str = "epoch"
+    started: float = field(default_factory=time.perf_counter)
+    done_at_start: int = 0
+
+    def line(self, done: int, images: int, seconds: float, metrics: dict[str, float]) -> str:
+        elapsed = time.perf_counter() - self.started
+        rate = (done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return (
+            f"[{self.label}] {self.unit} {done}/{self.total} {shown} | {images / max(seconds, 1e-9):.0f} img/s"
+            f" | elapsed {_fmt(elapsed)} eta {_fmt(eta)}"
+        )
+
+
+def _fmt(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at epoch {epoch} step {step}; stopping (the last good checkpoint is kept). "
+            "Lower the learning rate or enable grad_clip."
+        )
+
+
+def print_main(ctx: WorkerContext, text: str) -> None:
+    if ctx.is_main:
+        print(text, flush=True)
+

@@ -1,0 +1,150 @@
+"""What every stage entry shares: argument parsing, clean errors, outputs written atomically."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from lowlabel.env import configure_quiet_env
+
+configure_quiet_env()
+
+from lowlabel.config import ConfigError, Params, flatten, load_params  # noqa: E402
+from lowlabel.data.prepared import PreparedDataError, atomic_write_text  # noqa: E402
+from lowlabel.data.sources import DataSourceError  # noqa: E402
+from lowlabel.data.splits import SplitError  # noqa: E402
+from lowlabel.runner.launch import ClusterError  # noqa: E402
+from lowlabel.tracking import TAG_DVC_STAGE, TAG_METHOD, TAG_STAGE, resolve_tracking_uri, stage_run  # noqa: E402
+
+PREPARED_DIR = Path("data/prepared")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+REPORTS_DIR = Path("reports")
+
+log = logging.getLogger("lowlabel")
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to change."""
+
+
+# Problems with the user's input or setup: shown as one clear line, no traceback.
+USER_ERRORS = (ConfigError, StageError, DataSourceError, SplitError, PreparedDataError, ClusterError, ConnectionError)
+
+
+def params_hash(*sections: Any) -> str:
+    """Short stable hash of the params that define a run (names its Ray run dir, for resume)."""
+    blob = json.dumps([s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def tracked_run(params: Params, *, stage: str, method: str, dvc_stage: str, sections: Iterable[str], tags: dict[str, str] | None = None, run_name: str | None = None):
+    """The stage's MLflow run, with the params of ``sections`` flattened into it."""
+    root = Path.cwd()
+    flat = {}
+    for section in sections:
+        value = getattr(params, section)
+        flat |= flatten(value, prefix=f"{section}.") if hasattr(value, "model_dump") else {section: value}
+    return stage_run(
+        tracking_uri=resolve_tracking_uri(params.tracking.uri, root),
+        artifact_root=params.tracking.artifact_root,
+        experiment=params.tracking.experiment,
+        run_name=run_name or dvc_stage,
+        tags={TAG_STAGE: stage, TAG_METHOD: method, TAG_DVC_STAGE: dvc_stage, **(tags or {})},
+        params=flat,
+        root=root,
+    )
+
+
+def _terminate(signum, frame):  # noqa: ARG001
+    # SIGTERM (dvc/ray killing us) unwinds like Ctrl-C, so MLflow runs are closed as FAILED.
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+def stage_main(description: str, run: Callable[[Params, argparse.Namespace], None], add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        params = load_params(args.params)
+        run(params, args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config: dict[str, Any], name: str) -> dict[str, Any]:
+    """Run ``loop`` as a Ray Train job and return the state of its final checkpoint.
+
+    The MLflow run must be active: its id goes to the workers, whose rank 0 logs metrics.
+    """
+    import mlflow
+    import torch
+
+    from lowlabel.runner.launch import remove_run, run_training_job
+    from lowlabel.runner.worker import STATE_FILE
+
+    rt = params.runtime
+    run = mlflow.active_run()
+    config = {
+        **config,
+        "seed": params.seed,
+        "data_dir": str(PREPARED_DIR.resolve()),
+        "arch": params.encoder.arch,
+        "width": params.encoder.width,
+        "loader_workers": rt.loader_workers,
+        "cpus_per_worker": rt.cpus_per_worker,
+        "amp": rt.amp,
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "run_id": run.info.run_id if run else None,
+    }
+    result = run_training_job(
+        loop,
+        config,
+        name=name,
+        workers=rt.workers,
+        use_gpu=rt.use_gpu,
+        cpus_per_worker=rt.cpus_per_worker,
+        storage_path=rt.storage_path,
+        max_failures=rt.max_failures,
+        ray_address=rt.ray_address,
+        local_num_cpus=rt.local_num_cpus,
+    )
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise StageError(f"Ray run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    # Outputs now live in DVC outs; drop the run's checkpoints so a re-run starts afresh.
+    remove_run(rt.storage_path, name)
+    return state

@@ -1,0 +1,150 @@
+"""DVC stage ``fewshot``: every encoder the pipeline produced, frozen, on classes no stage trained on.
+
+Per encoder: embeddings of the novel-class test images computed once, then N-way K-shot
+episodes (the same episodes for every encoder) run on that cache with each head; plus the
+base-class kNN accuracy, so every encoder is also compared on the classes it did see.
+One MLflow run per encoder, metrics named ``fewshot/<head>/<N>w<K>s/acc`` so the UI's
+compare view lines them up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from lowlabel.config import Params
+from lowlabel.data.augment import eval_view
+from lowlabel.data.prepared import PreparedData
+from lowlabel.evaluation import extract_features, knn_accuracy
+from lowlabel.fewshot import Episode, evaluate_episodes, normalize_features, sample_episodes
+from lowlabel.models.encoders import build_encoder
+from lowlabel.models.store import ENCODER_FILE, load_encoder
+from lowlabel.runner.worker import seed_everything
+from lowlabel.stages.common import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run, write_csv, write_json
+from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN
+from lowlabel.train.pretrain import monitor_indices
+
+log = logging.getLogger("lowlabel.fewshot")
+
+KNN_BANK_SIZE = 5000
+RANDOM = "random"
+
+
+def encoder_paths(params: Params) -> dict[str, Path | None]:
+    """Encoder name -> its file (None: random init), in report order."""
+    paths: dict[str, Path | None] = {RANDOM: None}
+    for stage, methods in (("pretrain", params.pretrain.methods), ("semisup", params.semisup.methods)):
+        for method in methods:
+            path = MODELS_DIR / stage / method / ENCODER_FILE
+            if not path.is_file():
+                raise StageError(f"{path} is missing; run `dvc repro {stage}@{method}` first")
+            paths[f"{stage}/{method}"] = path
+    return paths
+
+
+def random_encoder(params: Params, in_chans: int) -> torch.nn.Module:
+    # Same seed as the training stages: this is exactly the weights they started from.
+    seed_everything(params.seed)
+    return build_encoder(params.encoder.arch, in_chans, params.encoder.width).eval()
+
+
+def setting_name(n_way: int, k_shot: int) -> str:
+    return f"{n_way}w{k_shot}s"
+
+
+def plan_episodes(params: Params, labels: np.ndarray) -> dict[tuple[int, int], list[Episode]]:
+    """Sample every (way, shot) setting once, shared by all encoders; skip impossible ways."""
+    cfg = params.fewshot
+    n_classes = len(np.unique(labels))
+    plans = {}
+    for n_way in cfg.ways:
+        if n_way > n_classes:
+            print(f"[fewshot] skipping {n_way}-way: only {n_classes} novel classes", flush=True)
+            continue
+        for k_shot in cfg.shots:
+            plans[(n_way, k_shot)] = sample_episodes(labels, n_way, k_shot, cfg.queries, cfg.episodes, seed=params.seed)
+    if not plans:
+        raise StageError(f"fewshot.ways={cfg.ways}: no setting fits the {n_classes} novel classes")
+    return plans
+
+
+def head_kwargs(params: Params, head: str) -> dict:
+    if head == "protonet":
+        return {"distance": params.fewshot.distance}
+    if head == "knn":
+        return {"k": 1}
+    return {"seed": params.seed}
+
+
+def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedData, plans: dict, novel_labels: np.ndarray) -> dict:
+    view = eval_view(data.mean, data.std)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = encoder.to(device)
+    novel = extract_features(encoder, data.test_images, data.split.test_novel, view, device=device)
+    bank_idx, test_idx = monitor_indices(data, KNN_BANK_SIZE, params.seed)
+    bank = extract_features(encoder, data.train_images, bank_idx, view, device=device)
+    test = extract_features(encoder, data.test_images, test_idx, view, device=device)
+    out: dict = {
+        "base_knn_acc": knn_accuracy(
+            bank, torch.from_numpy(data.train_labels[bank_idx]), test, torch.from_numpy(data.test_labels[test_idx]), k=params.fewshot.knn_k
+        )
+    }
+    features = normalize_features(novel, params.fewshot.feature_norm)
+    for (n_way, k_shot), episodes in plans.items():
+        for head in params.fewshot.heads:
+            result = evaluate_episodes(features, novel_labels, episodes, head, head_kwargs(params, head))
+            out[f"{head}/{setting_name(n_way, k_shot)}"] = {"acc": result.accuracy, "ci95": result.ci95}
+    return out
+
+
+def fewshot(params: Params) -> dict:
+    data = PreparedData.load(PREPARED_DIR)
+    novel_labels = data.test_labels[np.asarray(data.split.test_novel)]
+    plans = plan_episodes(params, novel_labels)
+    results: dict[str, dict] = {}
+    rows = []
+    for name, path in encoder_paths(params).items():
+        started = time.perf_counter()
+        if path is None:
+            encoder, meta = random_encoder(params, data.in_chans), {}
+        else:
+            encoder, meta = load_encoder(path)
+        tags = {TAG_ENCODER: name, TAG_INIT_RUN: meta.get("mlflow_run_id", "")}
+        with tracked_run(
+            params, stage="fewshot", method=name, dvc_stage="fewshot", sections=("seed", "fewshot"), tags=tags, run_name=f"fewshot {name}"
+        ):
+            scores = evaluate_encoder(params, encoder, data, plans, novel_labels)
+            mlflow.log_metric("base/knn_acc", scores["base_knn_acc"])
+            for key, value in scores.items():
+                if isinstance(value, dict):
+                    mlflow.log_metrics({f"fewshot/{key}/acc": value["acc"], f"fewshot/{key}/ci95": value["ci95"]})
+        results[name] = scores
+        shown = ", ".join(f"{k} {v['acc'] * 100:.1f}±{v['ci95'] * 100:.1f}" for k, v in scores.items() if isinstance(v, dict))
+        print(f"[fewshot] {name}: base kNN {scores['base_knn_acc'] * 100:.1f} | {shown} ({time.perf_counter() - started:.1f} s)", flush=True)
+        for key, value in scores.items():
+            if isinstance(value, dict):
+                head, setting = key.split("/")
+                n_way, k_shot = setting.removesuffix("s").split("w")
+                rows.append({"encoder": name, "head": head, "ways": int(n_way), "shots": int(k_shot), "acc": value["acc"], "ci95": value["ci95"]})
+    payload = {
+        "episodes": params.fewshot.episodes,
+        "queries": params.fewshot.queries,
+        "feature_norm": params.fewshot.feature_norm,
+        "encoders": results,
+    }
+    write_json(METRICS_DIR / "fewshot.json", payload)
+    write_csv(PLOTS_DIR / "fewshot.csv", rows)
+    return payload
+
+
+def main() -> None:
+    stage_main(__doc__, lambda params, args: fewshot(params))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""DVC stage ``semisup@<method>``: FixMatch or the supervised baseline as a Ray Train job."""
+
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+import torch
+
+from lowlabel.config import SEMISUP_METHODS, Params
+from lowlabel.data.prepared import PreparedData
+from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, load_encoder, save_encoder
+from lowlabel.stages.common import (
+    METRICS_DIR,
+    MODELS_DIR,
+    PLOTS_DIR,
+    PREPARED_DIR,
+    StageError,
+    params_hash,
+    stage_main,
+    tracked_run,
+    train_in_ray,
+    write_csv,
+    write_json,
+)
+from lowlabel.tracking import TAG_INIT_RUN, log_encoder
+from lowlabel.train.semisup import semisup_loop
+
+
+def init_encoder(params: Params) -> tuple[str | None, str]:
+    """(path of the encoder to start from or None for random init, its MLflow run id or '')."""
+    if params.semisup.init == "random":
+        return None, ""
+    path = MODELS_DIR / "pretrain" / params.semisup.init / ENCODER_FILE
+    if not path.is_file():
+        raise StageError(f"semisup.init={params.semisup.init!r} but {path} does not exist; run `dvc repro pretrain@{params.semisup.init}` first")
+    meta = torch.load(path, map_location="cpu", weights_only=False)
+    return str(path.resolve()), meta.get("mlflow_run_id", "")
+
+
+def semisup(params: Params, method: str) -> dict:
+    cfg = params.semisup
+    data = PreparedData.load(PREPARED_DIR)
+    init_path, init_run = init_encoder(params)
+    dvc_stage = f"semisup@{method}"
+    tags = {TAG_INIT_RUN: init_run, "lowlabel.init": cfg.init}
+    with tracked_run(
+        params, stage="semisup", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "semisup"), tags=tags
+    ) as run:
+        config = {
+            "label": dvc_stage,
+            "method": method,
+            "init_encoder": init_path,
+            "steps": cfg.steps,
+            "eval_every": cfg.eval_every,
+            "batch_size": cfg.batch_size,
+            "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
+            "grad_clip": cfg.optim.grad_clip,
+            "ema_decay": cfg.ema_decay,
+            "fixmatch": cfg.fixmatch.model_dump(),
+            "randaugment": cfg.randaugment.model_dump(),
+        }
+        name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+        state = train_in_ray(params, semisup_loop, config, name)
+        history = state["history"]
+        last = history[-1]
+        metrics = {
+            "test_acc": last["test_acc"],
+            "test_acc_ema": last["test_acc_ema"],
+            "best_test_acc_ema": max(h["test_acc_ema"] for h in history),
+            "steps": last["step"],
+            "init": cfg.init,
+        }
+        for key in ("mask_rate", "pseudo_acc", "loss_sup", "loss_unsup"):
+            if key in last:
+                metrics[key] = last[key]
+        # The EMA weights are the ones evaluated, so they are the ones handed on.
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state["ema"].items() if k.startswith("encoder.")}
+        out = MODELS_DIR / "semisup" / method / ENCODER_FILE
+        save_encoder(
+            out, encoder_state, arch=params.encoder.arch, width=params.encoder.width, in_chans=data.in_chans,
+            image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id, init_run_id=init_run,
+        )
+        atomic_torch_save(state["ema"], out.with_name("classifier_ema.pt"))
+        write_json(METRICS_DIR / "semisup" / f"{method}.json", metrics)
+        write_csv(PLOTS_DIR / "semisup" / f"{method}.csv", history)
+        mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(PLOTS_DIR / "semisup" / f"{method}.csv"))
+        log_encoder(load_encoder(out)[0], data.in_chans, data.image_size)
+    return metrics
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, choices=SEMISUP_METHODS)
+
+
+def main() -> None:
+    stage_main(__doc__, lambda params, args: semisup(params, args.method), _args)
+
+
+if __name__ == "__main__":
+    main()

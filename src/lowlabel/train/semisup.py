@@ -1,0 +1,150 @@
+"""Semi-supervised training loop (FixMatch, or the supervised-only baseline), per Ray worker.
+
+Training is counted in steps; every ``eval_every`` steps is one chunk: metrics, an EMA
+test-accuracy check and a checkpoint. Each chunk's data order is a function of
+(seed, chunk, rank), so a run resumed from a chunk checkpoint continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import ray.train.torch
+import torch
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+from lowlabel.data.augment import eval_view, strong_view, weak_view
+from lowlabel.data.datasets import ViewsDataset
+from lowlabel.data.prepared import PreparedData
+from lowlabel.data.samplers import BalancedSampler, ShardedCycleSampler
+from lowlabel.distributed import all_reduce_mean
+from lowlabel.evaluation import extract_features
+from lowlabel.methods import SEMISUP_STEPS
+from lowlabel.models.encoders import build_encoder, feature_dim
+from lowlabel.models.heads import Classifier
+from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, print_main, report, setup_worker
+from lowlabel.train.optim import build_optimizer
+
+USES_UNLABELED = {"fixmatch"}
+
+
+def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
+    idx = np.asarray(data.split.test_base)
+    logits = extract_features(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
+    return (logits.argmax(1).numpy() == data.base_label(data.test_labels[idx])).mean().item()
+
+
+def semisup_loop(config: dict[str, Any]) -> None:
+    ctx = setup_worker(config)
+    data = PreparedData.load(config["data_dir"])
+    method = config["method"]
+    encoder = build_encoder(config["arch"], data.in_chans, config["width"])
+    if config.get("init_encoder"):
+        encoder.load_state_dict(torch.load(config["init_encoder"], map_location="cpu", weights_only=False)["state_dict"])
+    model_inner = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
+
+    size, channels = data.image_size, data.in_chans
+    weak = weak_view(size, data.mean, data.std)
+    labeled = np.asarray(data.split.labeled)
+    labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=data.base_label(data.train_labels[labeled]), seed=config["seed"])
+    unlabeled_ds = None
+    if method in USES_UNLABELED:
+        strong = strong_view(size, channels, data.mean, data.std, **config["randaugment"])
+        unlabeled = np.asarray(data.split.unlabeled)
+        # True labels ride along for the pseudo-label accuracy monitor only.
+        unlabeled_ds = ViewsDataset(
+            data.train_images, unlabeled, [weak, strong], targets=data.base_label(data.train_labels[unlabeled]), seed=config["seed"] + 1
+        )
+
+    per_worker = config["batch_size"] // ctx.world_size
+    if len(labeled) < config["batch_size"]:
+        print_main(ctx, f"[{config['label']}] {len(labeled)} labeled images < batch {config['batch_size']}: sampling them with replacement, class-balanced")
+    steps, eval_every = config["steps"], config["eval_every"]
+    chunks = math.ceil(steps / eval_every)
+
+    model = ray.train.torch.prepare_model(model_inner)
+    optimizer, schedule = build_optimizer(model_inner, steps, **config["optim"])
+    ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
+    logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))
+    step_fn = SEMISUP_STEPS[method]
+
+    start_chunk, history = 0, []
+    state = load_state()
+    if state is not None:
+        model_inner.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_chunk, history = state["chunk"], state["history"]
+        print_main(ctx, f"[{config['label']}] resumed from the checkpoint at step {min(steps, start_chunk * eval_every)}")
+
+    progress = Progress(config["label"], steps, unit="step", done_at_start=min(steps, start_chunk * eval_every))
+    for chunk in range(start_chunk, chunks):
+        first = chunk * eval_every
+        n_steps = min(eval_every, steps - first)
+        labeled_ds.set_epoch(chunk)
+        labeled_loader = DataLoader(
+            labeled_ds,
+            batch_size=per_worker,
+            sampler=BalancedSampler(labeled_ds.targets, n_steps * per_worker, config["seed"], chunk, ctx.rank),
+            num_workers=config["loader_workers"],
+        )
+        loaders: list[DataLoader] = [labeled_loader]
+        if unlabeled_ds is not None:
+            unlabeled_ds.set_epoch(chunk)
+            mu_batch = per_worker * config["fixmatch"]["mu"]
+            loaders.append(
+                DataLoader(
+                    unlabeled_ds,
+                    batch_size=mu_batch,
+                    sampler=ShardedCycleSampler(len(unlabeled_ds), n_steps * mu_batch, ctx.rank, ctx.world_size, config["seed"], chunk),
+                    num_workers=config["loader_workers"],
+                )
+            )
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
+        for i, batches in enumerate(zip(*loaders)):
+            x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
+            kwargs: dict[str, Any] = {}
+            if unlabeled_ds is not None:
+                u_weak, u_strong, u_true = batches[1]
+                kwargs = dict(
+                    u_weak=ctx.to_device(u_weak), u_strong=ctx.to_device(u_strong), u_true=u_true.to(ctx.device), **config["fixmatch"]
+                )
+                kwargs.pop("mu")
+            with ctx.autocast():
+                out = step_fn(model, x, y, **kwargs)
+            check_finite(out["loss"], chunk + 1, first + i)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if config.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model_inner.parameters(), config["grad_clip"])
+            optimizer.step()
+            schedule.step_update(first + i + 1)
+            ema.update(model_inner, step=first + i)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+        seconds = time.perf_counter() - started
+        images = n_steps * per_worker * ctx.world_size * (1 + 2 * config["fixmatch"]["mu"] if unlabeled_ds is not None else 1)
+        metrics = {key: all_reduce_mean(value / n_steps).item() for key, value in sums.items()}
+        metrics |= {"lr": optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
+        if ctx.is_main:
+            metrics["test_acc"] = test_accuracy(model_inner, data, ctx.device, ctx.channels_last)
+            metrics["test_acc_ema"] = test_accuracy(ema.module, data, ctx.device, ctx.channels_last)
+        done = first + n_steps
+        history.append({"step": done, **metrics})
+        logger.log(metrics, step=done)
+        print_main(ctx, progress.line(done, images, seconds, metrics))
+        state = {
+            "model": model_inner.state_dict(),
+            "ema": ema.module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "chunk": chunk + 1,
+            "history": history,
+        }
+        report(ctx, {"step": done, **metrics}, state if ctx.is_main else None)
