@@ -1,0 +1,66 @@
+"""Losses against straightforward reference computations (float64, loops, the formula)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowlabel.methods.losses import masked_cross_entropy, nt_xent_loss, pseudo_labels
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """The paper's formula, written out: 2N anchors, each against the other 2N-1 views."""
+    z = torch.cat([z1, z2]).double()
+    n = z1.shape[0]
+    total = 0.0
+    for a in range(2 * n):
+        p = (a + n) % (2 * n)
+        sim = lambda i, j: (z[i] @ z[j] / (z[i].norm() * z[j].norm())).item()  # noqa: E731
+        denom = sum(math.exp(sim(a, k) / t) for k in range(2 * n) if k != a)
+        total += -math.log(math.exp(sim(a, p) / t) / denom)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
+def test_nt_xent_matches_formula(temperature):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert nt_xent_loss(z1, z2, temperature).item() == pytest.approx(nt_xent_reference(z1, z2, temperature), rel=1e-10)
+
+
+def test_nt_xent_is_low_for_aligned_views_and_symmetric():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    aligned = nt_xent_loss(z, z + 1e-3, 0.1).item()
+    shuffled = nt_xent_loss(z, z[torch.randperm(8, generator=g)], 0.1).item()
+    assert aligned < shuffled
+    a, b = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    assert nt_xent_loss(a, b, 0.5).item() == pytest.approx(nt_xent_loss(b, a, 0.5).item(), rel=1e-12)
+
+
+def test_pseudo_labels_threshold_and_mask():
+    logits = torch.log(torch.tensor([[0.96, 0.02, 0.02], [0.5, 0.3, 0.2], [0.01, 0.01, 0.98], [0.2, 0.75, 0.05]]))
+    labels, mask = pseudo_labels(logits, threshold=0.95)
+    assert labels.tolist() == [0, 0, 2, 1]
+    assert mask.tolist() == [1.0, 0.0, 1.0, 0.0]
+    # Threshold is inclusive (>=), as in FixMatch's `max_probs.ge(threshold)`.
+    _, mask_eq = pseudo_labels(torch.log(torch.tensor([[0.75, 0.25]])), threshold=0.75)
+    assert mask_eq.item() == 1.0
+
+
+def test_pseudo_labels_carry_no_gradient():
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels, mask = pseudo_labels(logits, 0.5)
+    assert not labels.requires_grad and not mask.requires_grad
+
+
+def test_masked_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    targets = torch.tensor([0, 0, 1])
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    ce = [-math.log(math.exp(2) / (math.exp(2) + 1)), None, -math.log(0.5)]
+    expected = (ce[0] + ce[2]) / 3  # masked samples count in the denominator (mean over all)
+    assert masked_cross_entropy(logits, targets, mask).item() == pytest.approx(expected, rel=1e-12)
+    assert masked_cross_entropy(logits, targets, torch.zeros(3, dtype=torch.float64)).item() == 0.0
+    assert F.cross_entropy(logits, targets).item() == pytest.approx(masked_cross_entropy(logits, targets, torch.ones(3, dtype=torch.float64)).item())

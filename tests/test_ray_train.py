@@ -1,0 +1,121 @@
+"""Real Ray Train jobs (local cluster, 2 workers, gloo) on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lowlabel.runner.launch import ClusterError, check_resources, run_training_job
+from lowlabel.runner.worker import STATE_FILE
+from lowlabel.train.optim import build_optimizer  # noqa: F401  (import check for the loop's deps)
+from lowlabel.train.pretrain import pretrain_loop
+from lowlabel.train.semisup import semisup_loop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    os.environ["LOWLABEL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
+    from lowlabel.runner.launch import ensure_ray
+
+    ensure_ray(None, local_num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def common(tiny_prepared, mlflow_uri, run_id):
+    return {
+        "seed": 0,
+        "data_dir": str(tiny_prepared),
+        "arch": "conv4",
+        "width": 8,
+        "loader_workers": 0,
+        "cpus_per_worker": 1,
+        "amp": "auto",
+        "tracking_uri": mlflow_uri,
+        "run_id": run_id,
+        "grad_clip": None,
+    }
+
+
+def final_state(result):
+    assert result.error is None
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+
+
+def new_run(mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("t")
+    return client, client.create_run(exp).info.run_id
+
+
+def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
+    client, run_id = new_run(mlflow_uri)
+    config = common(tiny_prepared, mlflow_uri, run_id) | {
+        "label": "test-pretrain",
+        "method": "simclr",
+        "method_kwargs": {"temperature": 0.2, "proj_hidden_dim": 16, "proj_dim": 8, "gather_distributed": None},
+        "epochs": 2,
+        "batch_size": 32,
+        "max_steps_per_epoch": None,
+        "optim": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False, "warmup_fraction": 0.1},
+        "crop_scale": [0.5, 1.0],
+        "eval_every": 1,
+        "knn_k": 5,
+        "knn_bank_size": 100,
+    }
+    result = run_training_job(
+        pretrain_loop, config, name="t-pretrain", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
+    )
+    state = final_state(result)
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert all(0 <= h["knn_acc"] <= 1 for h in state["history"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"][1:])
+    # 160 base images / 32 global batch = 5 steps per epoch, 16 per worker.
+    assert set(state["encoder"]) and all(k.startswith(("0.", "1.", "4.", "5.", "8.", "9.", "12.", "13.")) for k in state["encoder"])
+    # Rank 0 alone logs: one value per epoch, not one per worker.
+    losses = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "knn_acc")) == [0, 1, 2]
+
+
+def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
+    client, run_id = new_run(mlflow_uri)
+    config = common(tiny_prepared, mlflow_uri, run_id) | {
+        "label": "test-fixmatch",
+        "method": "fixmatch",
+        "init_encoder": None,
+        "steps": 6,
+        "eval_every": 3,
+        "batch_size": 4,
+        "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
+        "ema_decay": 0.99,
+        "fixmatch": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
+        "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
+    }
+    result = run_training_job(
+        semisup_loop, config, name="t-fixmatch", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
+    )
+    state = final_state(result)
+    assert [h["step"] for h in state["history"]] == [3, 6]
+    last = state["history"][-1]
+    for key in ("loss_sup", "loss_unsup", "mask_rate", "pseudo_acc", "test_acc", "test_acc_ema"):
+        assert key in last
+    assert 0 <= last["mask_rate"] <= 1
+    assert set(state["ema"]) == set(state["model"])
+    assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
+    assert sorted(m.step for m in client.get_metric_history(run_id, "test_acc_ema")) == [3, 6]
+
+
+def test_impossible_worker_count_fails_fast(ray_local):
+    with pytest.raises(ClusterError, match=r"runtime.workers=64 .* asked 64, cluster has 2"):
+        check_resources(64, 1, use_gpu=False)
+    with pytest.raises(ClusterError, match="GPU: asked 1"):
+        check_resources(1, 1, use_gpu=True)
