@@ -286,7 +286,10 @@ class LinearProbe(_FineTuned):
 
     def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> LinearProbe:
         params = self._train(support[None], support_labels[None], n_way)
-        layer = nn.Linear(support.shape[1], n_way, device=support.device, dtype=support.dtype)
+        # skip_init: nn.Linear's own init would consume the global RNG for values we overwrite.
+        layer = nn.utils.skip_init(
+            nn.Linear, support.shape[1], n_way, device=support.device, dtype=support.dtype
+        )
         with torch.no_grad():
             layer.weight.copy_(params["weight"][0])
             layer.bias.copy_(params["bias"][0])

@@ -39,9 +39,8 @@ class Episode:
                 f"support ({support.size}) and query ({query.size}) sizes must be non-zero "
                 f"multiples of n_way ({n_way})"
             )
-        # Read-only so a frozen episode really is immutable (arrays are shared, not copied, later).
-        for arr in (support, query, classes):
-            arr.setflags(write=False)
+        # Arrays stay writable: torch warns on every read-only array used as an index
+        # (features[episode.support]), the main way episodes are consumed.
         object.__setattr__(self, "support", support)
         object.__setattr__(self, "query", query)
         object.__setattr__(self, "classes", classes)

@@ -1,0 +1,122 @@
+"""A real `dvc repro` of the whole pipeline in a temp git repo, on a tiny config.
+
+Then a no-op second repro, then a param change that re-runs only the affected stages.
+Uses the real Fashion-MNIST files Debian's dataset-fashion-mnist installs (./pipeline setup).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import FASHION_DIR, REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (./pipeline setup installs it)"),
+]
+
+TINY = {
+    "data": {"max_train_per_class": 60, "max_test_per_class": 30, "labels_per_class": 2},
+    "encoder": {"width": 16},
+    "pretrain": {"epochs": 1, "batch_size": 64},
+    "semisup": {"steps": 4, "eval_every": 2, "batch_size": 8, "fixmatch": {"mu": 2, "threshold": 0.95, "lambda_u": 1.0}},
+    "fewshot": {"episodes": 50, "queries": 5, "shots": [1, 5]},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def sh(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "src"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name, **({"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")} if src.is_dir() else {}))
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    venv_bin = Path(os.sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(root / "src"),
+        "LOWLABEL_RAY_TMP": str(tmp_path_factory.mktemp("ray")),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.ray/\nmetrics/\nplots/\n")
+    sh(["git", "init", "-q"], root, env)
+    sh(["dvc", "init", "-q"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "init"], root, env)
+    first = sh(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def test_first_repro_runs_every_stage_and_writes_outputs(project):
+    root, _, first = project
+    assert ran_stages(first.stdout) == ["prepare", "pretrain@simclr", "semisup@fixmatch", "semisup@supervised", "fewshot", "report"]
+    for path in ("data/prepared/split.json", "models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "reports/report.md", "reports/fewshot_shots.png"):
+        assert (root / path).is_file(), path
+    fewshot = json.loads((root / "metrics/fewshot.json").read_text())
+    assert set(fewshot["encoders"]) == {"random", "pretrain/simclr", "semisup/fixmatch", "semisup/supervised"}
+    for scores in fewshot["encoders"].values():
+        for setting in ("protonet/5w1s", "protonet/5w5s"):
+            assert 0.0 < scores[setting]["acc"] <= 1.0 and scores[setting]["ci95"] > 0
+    report = json.loads((root / "metrics/report.json").read_text())
+    assert "knn: pretrain/simclr - random" in report["margins"]
+    assert "| random |" in (root / "reports/report.md").read_text()
+
+
+def test_every_mlflow_run_finished_and_linked(project):
+    root, _, _ = project
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lowlabel").experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    stages = sorted(r.data.tags["lowlabel.stage"] for r in runs)
+    assert stages == sorted(["prepare", "pretrain", "semisup", "semisup", "fewshot", "fewshot", "fewshot", "fewshot", "report"])
+    pretrain = next(r for r in runs if r.data.tags["lowlabel.stage"] == "pretrain")
+    fixmatch = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "semisup@fixmatch")
+    assert fixmatch.data.tags["lowlabel.init_run_id"] == pretrain.info.run_id
+    assert "knn_acc" in pretrain.data.metrics
+    assert [a.path for a in client.list_artifacts(pretrain.info.run_id) if a.path == "encoder"]
+
+
+def test_second_repro_is_a_noop(project):
+    root, env, _ = project
+    again = sh(["dvc", "repro"], root, env)
+    assert ran_stages(again.stdout) == []
+
+
+def test_param_change_reruns_only_affected_stages(project):
+    root, env, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["fewshot"]["episodes"] = 60
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(["dvc", "repro"], root, env)
+    assert ran_stages(out.stdout) == ["fewshot", "report"]
+    assert json.loads((root / "metrics/fewshot.json").read_text())["episodes"] == 60

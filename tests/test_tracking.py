@@ -1,0 +1,95 @@
+"""MLflow runs written to a real sqlite store and read back through the client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lowlabel.tracking import TAG_STAGE, check_server, resolve_tracking_uri, stage_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def open_run(uri: str, tmp_path: Path, **kwargs):
+    return stage_run(
+        tracking_uri=uri,
+        artifact_root=str(tmp_path / "artifacts"),
+        experiment="exp",
+        run_name="r",
+        tags={TAG_STAGE: "pretrain"},
+        params={"pretrain.epochs": 3, "data.novel_classes": [5, 6]},
+        root=tmp_path,
+        **kwargs,
+    )
+
+
+def only_run(uri: str, experiment: str = "exp"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_finished_run_has_params_tags_and_metrics(mlflow_uri, tmp_path):
+    import mlflow
+
+    with open_run(mlflow_uri, tmp_path) as run:
+        mlflow.log_metric("knn_acc", 0.5, step=1)
+    got = only_run(mlflow_uri)
+    assert got.info.run_id == run.info.run_id
+    assert got.info.status == "FINISHED"
+    assert got.data.params["pretrain.epochs"] == "3"
+    assert got.data.tags[TAG_STAGE] == "pretrain"
+    assert "mlflow.source.git.commit" in got.data.tags
+    assert got.data.metrics["knn_acc"] == 0.5
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failed_stage_marks_run_failed(mlflow_uri, tmp_path, error):
+    with pytest.raises(type(error)):
+        with open_run(mlflow_uri, tmp_path):
+            raise error
+    assert only_run(mlflow_uri).info.status == "FAILED"
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == "http://127.0.0.1:5999"
+
+
+def test_unreachable_tracking_server_is_a_clear_error():
+    with pytest.raises(ConnectionError, match=r"127.0.0.1:9.*unreachable"):
+        check_server("http://127.0.0.1:9", timeout_s=2)
+
+
+def run_stage(module: str, cwd: Path, params: dict) -> subprocess.CompletedProcess:
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", module], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_stage_with_bad_data_root_fails_cleanly(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    proc = run_stage("lowlabel.stages.prepare", tmp_path, {"data": {"source": "imagefolder", "root": str(missing)}})
+    assert proc.returncode == 2, proc.stderr
+    assert "data.root" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "prepared").exists()
+    assert only_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "lowlabel").info.status == "FAILED"
+
+
+def test_stage_with_bad_params_fails_before_any_run(tmp_path):
+    proc = run_stage("lowlabel.stages.prepare", tmp_path, {"data": {"labels_per_class": -1}})
+    assert proc.returncode == 2
+    assert "params.yaml" in proc.stderr and "data.labels_per_class" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
