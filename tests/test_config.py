@@ -75,5 +75,5 @@ def test_load_params_file_errors(tmp_path):
 
 def test_flatten_gives_dotted_keys():
     flat = flatten(Params())
-    assert flat["pretrain.simclr.temperature"] == 0.2
+    assert flat["pretrain.simclr.temperature"] == 0.1
     assert flat["semisup.fixmatch.mu"] == 7

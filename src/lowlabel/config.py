@@ -98,7 +98,7 @@ class Optim(_Section):
 
 
 class SimCLRConfig(_Section):
-    temperature: PositiveFloat = 0.2
+    temperature: PositiveFloat = 0.1
     proj_hidden_dim: PositiveInt = 512
     proj_dim: PositiveInt = 128
     # Gather negatives from every worker (with gradients); null: on when world size > 1.
@@ -107,7 +107,7 @@ class SimCLRConfig(_Section):
 
 class PretrainConfig(_Section):
     methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr"])  # type: ignore[valid-type]
-    epochs: PositiveInt = 4
+    epochs: PositiveInt = 2
     batch_size: PositiveInt = 256
     max_steps_per_epoch: PositiveInt | None = None
     optim: Optim = Optim(optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_fraction=0.05)

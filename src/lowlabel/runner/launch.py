@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lowlabel.env import configure_quiet_env
@@ -117,7 +117,13 @@ def run_training_job(
         train_loop,
         train_loop_config={**config, "use_gpu": gpu},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train's per-report INFO lines drown the stage's own progress lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
     )
     return trainer.fit()
 

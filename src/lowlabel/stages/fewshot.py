@@ -31,7 +31,8 @@ from lowlabel.train.pretrain import monitor_indices
 
 log = logging.getLogger("lowlabel.fewshot")
 
-KNN_BANK_SIZE = 5000
+# Final numbers: every base training image is in the kNN bank (the monitor uses a subset).
+KNN_BANK_SIZE = None
 RANDOM = "random"
 
 

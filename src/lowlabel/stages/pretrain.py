@@ -13,6 +13,8 @@ from lowlabel.stages.common import MODELS_DIR, METRICS_DIR, PLOTS_DIR, PREPARED_
 from lowlabel.tracking import log_encoder
 from lowlabel.train.pretrain import pretrain_loop
 
+# The per-epoch monitor uses a fixed 5k subset of the base training images as its bank,
+# to stay cheap; the fewshot stage reports kNN against all of them.
 KNN_BANK_SIZE = 5000
 
 

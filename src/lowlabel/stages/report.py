@@ -75,7 +75,7 @@ def markdown(metrics: dict, params: Params, deltas: dict[str, float]) -> str:
         test = f"{semi['test_acc_ema'] * 100:.1f}" if semi else "–"
         cells = [f"{scores[s]['acc'] * 100:.1f} ± {scores[s]['ci95'] * 100:.1f}" if s in scores else "–" for s in settings]
         lines.append(f"| {name} | {scores['base_knn_acc'] * 100:.1f} | {test} | " + " | ".join(cells) + " |")
-    lines += ["", "## Pretraining", "", "| method | final loss | kNN at init | kNN final | img/s |", "|---|---|---|---|---|"]
+    lines += ["", "## Pretraining", "", "| method | final loss | kNN monitor at init (5k bank) | kNN monitor final | img/s |", "|---|---|---|---|---|"]
     for method, m in metrics["pretrain"].items():
         init = f"{m['knn_acc_init'] * 100:.1f}" if m.get("knn_acc_init") is not None else "–"
         lines.append(f"| {method} | {m['loss']:.3f} | {init} | {m['knn_acc'] * 100:.1f} | {m['images_per_s']:.0f} |")

@@ -36,14 +36,14 @@ from lowlabel.runner.worker import (
 from lowlabel.train.optim import build_optimizer
 
 
-def monitor_indices(data: PreparedData, bank_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed subset of base training images as the kNN bank, and the base test images."""
+def monitor_indices(data: PreparedData, bank_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN bank (a fixed subset of base training images; None: all) and the base test images."""
     rng = np.random.default_rng(seed)
     bank = np.sort(rng.permutation(np.asarray(data.split.pretrain))[:bank_size])
     return bank, np.asarray(data.split.test_base)
 
 
-def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData, k: int, bank_size: int, seed: int) -> float:
+def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData, k: int, bank_size: int | None, seed: int) -> float:
     view = eval_view(data.mean, data.std)
     bank, test = monitor_indices(data, bank_size, seed)
     bank_feats = extract_features(encoder, data.train_images, bank, view, device=ctx.device, channels_last=ctx.channels_last)
