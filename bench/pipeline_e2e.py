@@ -4,7 +4,7 @@
 
 Clones this checkout into a scratch directory (so your own outputs stay untouched), runs
 `dvc repro` there with the repo's params.yaml (plus any --set overrides), samples the summed
-RSS of the whole process tree (dvc, stage processes, Ray's daemons and workers) every second,
+PSS of the whole process tree (dvc, stage processes, Ray's daemons and workers) every second,
 then runs `dvc repro` again with nothing changed. Prints a table; writes bench_e2e.json.
 """
 
@@ -27,7 +27,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(root: psutil.Process) -> int:
+def tree_pss(root: psutil.Process) -> int:
+    """Proportional set size of the whole tree: shared pages (torch's libraries, mapped by every
+    process) are split between their users instead of counted once per process as RSS would."""
     total = 0
     try:
         procs = [root, *root.children(recursive=True)]
@@ -35,7 +37,7 @@ def tree_rss(root: psutil.Process) -> int:
         return 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            total += proc.memory_full_info().pss
         except psutil.Error:
             pass
     return total
@@ -59,7 +61,7 @@ def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, flo
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(root))
+            peak = max(peak, tree_pss(root))
             time.sleep(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -68,6 +70,7 @@ def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, flo
     log = open(workdir / "bench_repro.log", "a")
     for line in proc.stdout:
         log.write(line)
+        log.flush()
         found = re.search(r"Running stage '([^']+)'", line)
         if found:
             marks.append((found.group(1), time.perf_counter() - started))
@@ -89,7 +92,12 @@ def main() -> int:
         key, _, value = item.partition("=")
         set_param(params, key, value)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(workdir / "src")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(workdir / "src"),
+        "PYTHONUNBUFFERED": "1",  # stage lines arrive as they happen, so the per-stage times are right
+    }
 
     total, peak, marks, rc = run_repro(workdir, env)
     if rc != 0:
@@ -107,11 +115,11 @@ def main() -> int:
         print(f"{stage:<22}{seconds:>8.1f}")
     print(f"{'total dvc repro':<22}{total:>8.1f}")
     print(f"{'no-op dvc repro':<22}{noop:>8.1f}   (stages re-run: {len(noop_marks)})")
-    print(f"{'peak RSS, process tree':<22}{peak / 2**30:>8.2f} GiB")
+    print(f"{'peak PSS, process tree':<22}{peak / 2**30:>8.2f} GiB")
     print("\nmargins (accuracy points):")
     for name, value in report["margins"].items():
         print(f"  {name:<45}{value:+6.1f}")
-    out = {"stages": dict(rows), "total_s": total, "noop_s": noop, "noop_reran": [m[0] for m in noop_marks], "peak_rss_gib": peak / 2**30, "margins": report["margins"]}
+    out = {"stages": dict(rows), "total_s": total, "noop_s": noop, "noop_reran": [m[0] for m in noop_marks], "peak_pss_gib": peak / 2**30, "margins": report["margins"]}
     (workdir / "bench_e2e.json").write_text(json.dumps(out, indent=2))
     print(f"\nworkdir: {workdir}")
     return rc2

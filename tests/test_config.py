@@ -55,7 +55,11 @@ def test_bad_values_name_the_field(raw, field):
 
 def test_cross_section_checks():
     with pytest.raises(ConfigError, match="semisup.init"):
-        parse_params({"semisup": {"init": "moco"}})
+        parse_params({"pretrain": {"methods": ["simclr"]}, "semisup": {"init": "moco"}})
+    with pytest.raises(ConfigError, match=r"pretrain.moco.queue_size \(1000\) must be a multiple"):
+        parse_params({"pretrain": {"moco": {"queue_size": 1000}}})
+    with pytest.raises(ConfigError, match="at least 2 samples per worker"):
+        parse_params({"runtime": {"workers": 2}, "semisup": {"batch_size": 2}})
     with pytest.raises(ConfigError, match=r"multiple of runtime.workers"):
         parse_params({"runtime": {"workers": 3}, "pretrain": {"batch_size": 256}})
     assert parse_params({"semisup": {"init": "random"}}).semisup.init == "random"

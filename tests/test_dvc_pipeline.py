@@ -79,11 +79,15 @@ def project(tmp_path_factory):
 
 def test_first_repro_runs_every_stage_and_writes_outputs(project):
     root, _, first = project
-    assert ran_stages(first.stdout) == ["prepare", "pretrain@simclr", "semisup@fixmatch", "semisup@supervised", "fewshot", "report"]
+    ran = ran_stages(first.stdout)
+    assert sorted(ran) == sorted(["prepare", "pretrain@simclr", "pretrain@moco", "semisup@fixmatch", "semisup@supervised", "fewshot", "report"])
+    order = {stage: i for i, stage in enumerate(ran)}
+    assert order["prepare"] == 0 and order["report"] == len(ran) - 1
+    assert max(order["pretrain@simclr"], order["pretrain@moco"]) < min(order["semisup@fixmatch"], order["semisup@supervised"])
     for path in ("data/prepared/split.json", "models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "reports/report.md", "reports/fewshot_shots.png"):
         assert (root / path).is_file(), path
     fewshot = json.loads((root / "metrics/fewshot.json").read_text())
-    assert set(fewshot["encoders"]) == {"random", "pretrain/simclr", "semisup/fixmatch", "semisup/supervised"}
+    assert set(fewshot["encoders"]) == {"random", "pretrain/simclr", "pretrain/moco", "semisup/fixmatch", "semisup/supervised"}
     for scores in fewshot["encoders"].values():
         for setting in ("protonet/5w1s", "protonet/5w5s"):
             assert 0.0 < scores[setting]["acc"] <= 1.0 and scores[setting]["ci95"] > 0
@@ -98,8 +102,8 @@ def test_every_mlflow_run_finished_and_linked(project):
     runs = client.search_runs([client.get_experiment_by_name("lowlabel").experiment_id])
     assert runs and all(r.info.status == "FINISHED" for r in runs)
     stages = sorted(r.data.tags["lowlabel.stage"] for r in runs)
-    assert stages == sorted(["prepare", "pretrain", "semisup", "semisup", "fewshot", "fewshot", "fewshot", "fewshot", "report"])
-    pretrain = next(r for r in runs if r.data.tags["lowlabel.stage"] == "pretrain")
+    assert stages == sorted(["prepare", "pretrain", "pretrain", "semisup", "semisup"] + ["fewshot"] * 5 + ["report"])
+    pretrain = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "pretrain@simclr")
     fixmatch = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "semisup@fixmatch")
     assert fixmatch.data.tags["lowlabel.init_run_id"] == pretrain.info.run_id
     assert "knn_acc" in pretrain.data.metrics

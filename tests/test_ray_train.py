@@ -119,3 +119,49 @@ def test_impossible_worker_count_fails_fast(ray_local):
         check_resources(64, 1, use_gpu=False)
     with pytest.raises(ClusterError, match="GPU: asked 1"):
         check_resources(1, 1, use_gpu=True)
+
+
+def pretrain_config(tiny_prepared, mlflow_uri, run_id, method="simclr", epochs=2, **method_kwargs):
+    kwargs = {"temperature": 0.2, "proj_hidden_dim": 16, "proj_dim": 8} | method_kwargs
+    if method == "simclr":
+        kwargs["gather_distributed"] = None
+    return common(tiny_prepared, mlflow_uri, run_id) | {
+        "label": f"test-{method}",
+        "method": method,
+        "method_kwargs": kwargs,
+        "epochs": epochs,
+        "batch_size": 32,
+        "max_steps_per_epoch": None,
+        "optim": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False, "warmup_fraction": 0.1},
+        "crop_scale": [0.5, 1.0],
+        "eval_every": 1,
+        "knn_k": 5,
+        "knn_bank_size": 100,
+    }
+
+
+def test_rerun_under_the_same_name_resumes_from_the_last_checkpoint(ray_local, tiny_prepared, mlflow_uri, tmp_path):
+    storage = str(tmp_path / "ray")
+    _, run_id = new_run(mlflow_uri)
+    first = final_state(
+        run_training_job(pretrain_loop, pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=1), name="resume", workers=2,
+                         use_gpu=False, cpus_per_worker=1, storage_path=storage)
+    )
+    # Same run name, a longer budget: only the missing epoch is trained.
+    second = final_state(
+        run_training_job(pretrain_loop, pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=2), name="resume", workers=2,
+                         use_gpu=False, cpus_per_worker=1, storage_path=storage)
+    )
+    assert [h["epoch"] for h in second["history"]] == [0, 1, 2]
+    assert second["history"][1] == first["history"][1]
+
+
+def test_moco_job_two_workers_keeps_one_queue(ray_local, tiny_prepared, mlflow_uri, tmp_path):
+    _, run_id = new_run(mlflow_uri)
+    config = pretrain_config(tiny_prepared, mlflow_uri, run_id, method="moco", epochs=1, queue_size=64, momentum=0.9)
+    state = final_state(
+        run_training_job(pretrain_loop, config, name="moco", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray"))
+    )
+    # 5 steps x global batch 32 = 160 keys through a 64-slot queue: pointer at 160 % 64.
+    assert int(state["model"]["queue_ptr"]) == 160 % 64
+    assert torch.allclose(state["model"]["queue"].norm(dim=0), torch.ones(64), atol=1e-5)

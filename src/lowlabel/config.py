@@ -18,7 +18,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0, le=1)]
 
-PRETRAIN_METHODS = ("simclr",)
+PRETRAIN_METHODS = ("simclr", "moco")
 SEMISUP_METHODS = ("fixmatch", "supervised")
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn")
 
@@ -105,8 +105,26 @@ class SimCLRConfig(_Section):
     gather_distributed: bool | None = None
 
 
+class MoCoConfig(_Section):
+    temperature: PositiveFloat = 0.2
+    proj_hidden_dim: PositiveInt = 512
+    proj_dim: PositiveInt = 128
+    # Keys in the memory queue; null: sized to the data (see lowlabel.methods.moco.default_queue_size).
+    queue_size: PositiveInt | None = None
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    # Cosine schedule of the momentum up to this value (null: constant momentum).
+    momentum_final: Annotated[float, Field(ge=0, le=1)] | None = None
+    single_worker_bn_splits: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _momentum_order(self) -> "MoCoConfig":
+        if self.momentum_final is not None and self.momentum_final < self.momentum:
+            raise ValueError(f"momentum_final ({self.momentum_final}) must be >= momentum ({self.momentum})")
+        return self
+
+
 class PretrainConfig(_Section):
-    methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr"])  # type: ignore[valid-type]
+    methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr", "moco"])  # type: ignore[valid-type]
     epochs: PositiveInt = 2
     batch_size: PositiveInt = 256
     max_steps_per_epoch: PositiveInt | None = None
@@ -115,6 +133,7 @@ class PretrainConfig(_Section):
     eval_every: PositiveInt = 1
     knn_k: PositiveInt = 20
     simclr: SimCLRConfig = SimCLRConfig()
+    moco: MoCoConfig = MoCoConfig()
 
     @model_validator(mode="after")
     def _crop(self) -> "PretrainConfig":
@@ -175,11 +194,17 @@ class Params(_Section):
             raise ValueError(
                 f"semisup.init is {self.semisup.init!r}; allowed: 'random' or one of pretrain.methods {self.pretrain.methods}"
             )
+        workers = self.runtime.workers
         for name, batch in (("pretrain.batch_size", self.pretrain.batch_size), ("semisup.batch_size", self.semisup.batch_size)):
-            if batch % self.runtime.workers:
-                raise ValueError(
-                    f"{name} ({batch}) must be a multiple of runtime.workers ({self.runtime.workers}): it is the global batch, split evenly"
-                )
+            if batch % workers:
+                raise ValueError(f"{name} ({batch}) must be a multiple of runtime.workers ({workers}): it is the global batch, split evenly")
+            if batch // workers < 2:
+                raise ValueError(f"{name} ({batch}) is too small for runtime.workers ({workers}): BatchNorm needs at least 2 samples per worker")
+        queue = self.pretrain.moco.queue_size
+        if "moco" in self.pretrain.methods and queue is not None and queue % self.pretrain.batch_size:
+            raise ValueError(
+                f"pretrain.moco.queue_size ({queue}) must be a multiple of the global batch pretrain.batch_size ({self.pretrain.batch_size})"
+            )
         return self
 
 
@@ -187,7 +212,9 @@ def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid setting(s):"]
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"]) or "<top level>"
-        if item["type"] == "extra_forbidden":
+        if not item["loc"]:  # a cross-field check: its message names the fields
+            lines.append(f"  - {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "extra_forbidden":
             lines.append(f"  - {path}: unknown key (value {item['input']!r}); check the spelling against README's params table")
         else:
             lines.append(f"  - {path}: {item['msg']} (got {item['input']!r})")

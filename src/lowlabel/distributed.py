@@ -39,3 +39,34 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach().clone()
     dist.all_reduce(tensor)
     return tensor / world_size()
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every worker in rank order, without gradient."""
+    if world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle-BN, step 1 (MoCo): deal the global batch out to workers in a random order.
+
+    Returns this worker's share of the shuffled global batch and the permutation's inverse.
+    Every worker must hold the same number of samples.
+    """
+    gathered = gather_no_grad(x)
+    perm = torch.randperm(len(gathered), device=x.device)
+    if world_size() > 1:
+        dist.broadcast(perm, src=0)  # one permutation for all workers
+    return gathered[perm.view(world_size(), -1)[rank()]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    """Shuffle-BN, step 2: gather the shuffled outputs and give each worker back its own, in order."""
+    gathered = gather_no_grad(x)
+    return gathered[unshuffle.view(world_size(), -1)[rank()]]

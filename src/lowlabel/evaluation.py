@@ -12,7 +12,7 @@ from torch import nn
 from lowlabel.data.augment import View
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_features(
     encoder: nn.Module,
     images: np.ndarray,

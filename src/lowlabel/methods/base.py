@@ -8,6 +8,8 @@ subclasses this and registers itself in ``lowlabel.methods.PRETRAIN_METHODS``.
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -34,3 +36,44 @@ class SSLMethod(nn.Module, ABC):
 
     def on_train_step_end(self, step: int, total_steps: int) -> None:
         """Hook after ``optimizer.step()`` (momentum updates); default none."""
+
+
+class MomentumSSLMethod(SSLMethod):
+    """An SSL method with a momentum (EMA) copy of its encoder and projector (cf. solo-learn's
+    ``BaseMomentumMethod``): after every optimiser step, ``k <- tau * k + (1 - tau) * q``,
+    with tau rising from ``momentum`` to ``momentum_final`` on a cosine schedule (constant
+    when they are equal). The momentum branch never receives gradients.
+    """
+
+    def __init__(self, encoder: nn.Module, feat_dim: int, momentum: float = 0.99, momentum_final: float | None = None) -> None:
+        super().__init__(encoder, feat_dim)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        final = momentum if momentum_final is None else momentum_final
+        if not momentum <= final <= 1.0:
+            raise ValueError(f"momentum_final must be in [momentum, 1], got {final} with momentum {momentum}")
+        self.base_momentum, self.final_momentum = momentum, final
+        self.current_momentum = momentum
+
+    def init_momentum_branch(self, *online: nn.Module) -> nn.ModuleList:
+        """Frozen deep copies of the online modules, to be updated only by EMA."""
+        branch = nn.ModuleList(copy.deepcopy(module) for module in online)
+        for param in branch.parameters():
+            param.requires_grad_(False)
+        self._online = list(online)  # plain list: not registered twice
+        return branch
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        progress = min(1.0, step / max(1, total_steps))
+        return self.final_momentum - (self.final_momentum - self.base_momentum) * (math.cos(math.pi * progress) + 1) / 2
+
+    @torch.no_grad()
+    def momentum_update(self, tau: float) -> None:
+        online = [p for module in self._online for p in module.parameters()]
+        target = list(self.momentum_branch.parameters())
+        torch._foreach_lerp_(target, [p.detach() for p in online], 1.0 - tau)
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        # A function of the step alone, so a resumed run continues the same schedule.
+        self.current_momentum = self.momentum_at(step - 1, total_steps)
+        self.momentum_update(self.current_momentum)

@@ -32,6 +32,18 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather:
     return (F.cross_entropy(logits_1, targets) + F.cross_entropy(logits_2, targets)) / 2
 
 
+def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE against a memory queue (MoCo, He et al. 2020).
+
+    ``-log exp(q.k+/t) / (exp(q.k+/t) + sum_j exp(q.queue_j/t))`` averaged over queries;
+    q, k (N, D) and the queue (D, K) are expected L2-normalised; k carries no gradient.
+    """
+    positives = (q * k).sum(dim=1, keepdim=True)
+    negatives = q @ queue
+    logits = torch.cat([positives, negatives], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
 def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels and the confidence mask ``max softmax >= threshold`` (FixMatch).
 

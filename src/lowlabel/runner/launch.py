@@ -88,6 +88,26 @@ def check_storage(storage_path: str) -> None:
         )
 
 
+def latest_checkpoint(run_dir: Path, state_file: str = "state.pt") -> ray.train.Checkpoint | None:
+    """The newest complete checkpoint a previous (killed or failed) run left in ``run_dir``.
+
+    Ray names checkpoint folders by timestamp; one without a loadable state file (the run was
+    killed while writing it) is passed over for the one before.
+    """
+    if not run_dir.is_dir():
+        return None
+    import torch
+
+    for folder in sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True):
+        try:
+            torch.load(folder / state_file, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - any unreadable file means an incomplete checkpoint
+            log.warning("skipping incomplete checkpoint %s", folder)
+            continue
+        return ray.train.Checkpoint.from_directory(str(folder))
+    return None
+
+
 def run_training_job(
     train_loop: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
@@ -104,7 +124,8 @@ def run_training_job(
     """Run ``train_loop(config)`` on ``workers`` Ray Train workers; returns the Result.
 
     The run directory ``storage_path/name`` holds the checkpoints; a re-run under the same
-    name resumes from its latest one (the loop reads ``ray.train.get_checkpoint()``).
+    name resumes from its latest complete one (the loop reads ``ray.train.get_checkpoint()``),
+    so a killed stage loses at most the epoch in progress.
     """
     ensure_ray(cluster_address(ray_address), local_num_cpus)
     gpu = resolve_use_gpu(use_gpu)
@@ -113,6 +134,9 @@ def run_training_job(
         storage_path = str(Path(storage_path).resolve())
     check_storage(storage_path)
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})
+    resume = latest_checkpoint(Path(storage_path) / name) if "://" not in storage_path else None
+    if resume is not None:
+        print(f"[{name}] resuming from {resume.path}", flush=True)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**config, "use_gpu": gpu},
@@ -124,6 +148,7 @@ def run_training_job(
             # Ray Train's per-report INFO lines drown the stage's own progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
+        resume_from_checkpoint=resume,
     )
     return trainer.fit()
 

@@ -60,7 +60,8 @@ def setup_worker(config: dict[str, Any]) -> WorkerContext:
     amp_dtype = None
     if device.type == "cuda" and amp != "off":
         amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return WorkerContext(rank, world, device, amp_dtype, channels_last=device.type == "cuda")
+    # channels_last on CPU too: measured 1.4x fwd+bwd and 2x forward for Conv-4 at 28 px (1 thread).
+    return WorkerContext(rank, world, device, amp_dtype, channels_last=True)
 
 
 def load_state() -> dict[str, Any] | None:

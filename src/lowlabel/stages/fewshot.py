@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -85,11 +86,12 @@ def head_kwargs(params: Params, head: str) -> dict:
 def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedData, plans: dict, novel_labels: np.ndarray) -> dict:
     view = eval_view(data.mean, data.std)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = encoder.to(device)
-    novel = extract_features(encoder, data.test_images, data.split.test_novel, view, device=device)
+    encoder = encoder.to(device, memory_format=torch.channels_last)
+    features = partial(extract_features, encoder, view=view, device=device, channels_last=True)
+    novel = features(data.test_images, data.split.test_novel)
     bank_idx, test_idx = monitor_indices(data, KNN_BANK_SIZE, params.seed)
-    bank = extract_features(encoder, data.train_images, bank_idx, view, device=device)
-    test = extract_features(encoder, data.test_images, test_idx, view, device=device)
+    bank = features(data.train_images, bank_idx)
+    test = features(data.test_images, test_idx)
     out: dict = {
         "base_knn_acc": knn_accuracy(
             bank, torch.from_numpy(data.train_labels[bank_idx]), test, torch.from_numpy(data.test_labels[test_idx]), k=params.fewshot.knn_k

@@ -8,6 +8,7 @@ import mlflow
 
 from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData
+from lowlabel.methods.moco import default_queue_size
 from lowlabel.models.store import ENCODER_FILE, load_encoder, save_encoder
 from lowlabel.stages.common import MODELS_DIR, METRICS_DIR, PLOTS_DIR, PREPARED_DIR, params_hash, stage_main, tracked_run, train_in_ray, write_csv, write_json
 from lowlabel.tracking import log_encoder
@@ -18,8 +19,11 @@ from lowlabel.train.pretrain import pretrain_loop
 KNN_BANK_SIZE = 5000
 
 
-def method_kwargs(params: Params, method: str) -> dict:
-    return getattr(params.pretrain, method).model_dump()
+def method_kwargs(params: Params, method: str, num_images: int) -> dict:
+    kwargs = getattr(params.pretrain, method).model_dump()
+    if method == "moco" and kwargs["queue_size"] is None:
+        kwargs["queue_size"] = default_queue_size(num_images, params.pretrain.batch_size)
+    return kwargs
 
 
 def pretrain(params: Params, method: str) -> dict:
@@ -31,7 +35,7 @@ def pretrain(params: Params, method: str) -> dict:
         config = {
             "label": dvc_stage,
             "method": method,
-            "method_kwargs": method_kwargs(params, method),
+            "method_kwargs": method_kwargs(params, method, len(data.split.pretrain)),
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
             "max_steps_per_epoch": cfg.max_steps_per_epoch,

@@ -72,6 +72,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     epochs = config["epochs"]
     total_steps = epochs * steps_per_epoch
 
+    if ctx.channels_last:
+        method.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(method)  # DDP when world > 1; `method` stays the inner module
     optimizer, schedule = build_optimizer(method, total_steps, **config["optim"])
     logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))

@@ -67,6 +67,8 @@ def semisup_loop(config: dict[str, Any]) -> None:
     steps, eval_every = config["steps"], config["eval_every"]
     chunks = math.ceil(steps / eval_every)
 
+    if ctx.channels_last:
+        model_inner.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model_inner)
     optimizer, schedule = build_optimizer(model_inner, steps, **config["optim"])
     ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)

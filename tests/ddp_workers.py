@@ -1,0 +1,95 @@
+"""Functions that run in each process of the real multi-process (gloo) DDP tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lowlabel.distributed import batch_shuffle, batch_unshuffle, gather_no_grad
+from lowlabel.methods.moco import MoCo
+from lowlabel.methods.simclr import SimCLR
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def toy_simclr() -> SimCLR:
+    """BatchNorm-free, so per-worker batches cannot change the math."""
+    torch.manual_seed(0)
+    model = SimCLR(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), 8, temperature=0.3, gather_distributed=True)
+    model.projector = nn.Linear(8, 5)
+    return model.double()
+
+
+def simclr_views(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randn(n, 6, generator=g, dtype=torch.float64)
+
+
+def simclr_step(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    model = DDP(toy_simclr())
+    v1, v2 = simclr_views()
+    share = len(v1) // world
+    mine = slice(rank * share, (rank + 1) * share)
+    loss = model([v1[mine], v2[mine]])["loss"]
+    loss.backward()
+    losses = gather_no_grad(loss.detach().reshape(1))
+    if rank == 0:
+        torch.save({"loss": losses.mean(), "grads": [p.grad for p in model.module.parameters()]}, out)
+    dist.destroy_process_group()
+
+
+def toy_moco() -> MoCo:
+    torch.manual_seed(0)
+    # BN in the encoder: Shuffle-BN is what keeps its statistics honest across workers.
+    return MoCo(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), 5, proj_hidden_dim=7, proj_dim=4, queue_size=12, momentum=0.9)
+
+
+def moco_steps(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    moco = toy_moco()
+    model = DDP(moco)
+    opt = torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=0.1)
+    record = {"queues": [], "ptrs": []}
+    for step in range(4):
+        g = torch.Generator().manual_seed(100 * step + rank)  # each worker its own data
+        views = [torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)]
+        loss = model(views)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        record["key_grads"] = [p.grad for p in moco.momentum_branch.parameters()]
+        opt.step()
+        moco.on_train_step_end(step + 1, 4)
+        record["queues"].append(moco.queue.clone())
+        record["ptrs"].append(int(moco.queue_ptr))
+    torch.save(record, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def shuffle_roundtrip(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    mine = torch.arange(6, dtype=torch.float32).reshape(3, 2) + 100 * rank
+    shuffled, unshuffle = batch_shuffle(mine)
+    back = batch_unshuffle(shuffled * 1.0, unshuffle)
+    everyone = gather_no_grad(shuffled)
+    torch.save({"mine": mine, "shuffled": shuffled, "back": back, "everyone": everyone}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def moco_enqueue_order(rank: int, world: int, port: int, out: str) -> None:
+    """The enqueued block equals the gathered keys in rank order."""
+    init(rank, world, port)
+    moco = toy_moco()
+    keys = F.normalize(torch.full((2, 4), float(rank + 1)) + torch.arange(4.0), dim=1)
+    moco.enqueue(gather_no_grad(keys))
+    torch.save({"queue": moco.queue.clone(), "keys": keys}, f"{out}.{rank}")
+    dist.destroy_process_group()
