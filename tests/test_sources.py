@@ -430,3 +430,15 @@ def test_invalid_settings(tmp_path, kwargs, field):
     root = gray_folder(tmp_path / "g")
     with pytest.raises(DataSourceError, match=field):
         load_source("imagefolder", str(root), **kwargs)
+
+
+def test_glyphs_source_splits_each_class_into_train_and_test():
+    from lowlabel.data.glyphs import missing_font_packages
+
+    if missing_font_packages():
+        pytest.skip("glyph fonts not installed (./pipeline setup installs them)")
+    ds = load_source("glyphs", glyph_classes=12, glyph_instances=8, image_size=20, test_fraction=0.25, seed=3)
+    assert ds.train_images.shape == (12 * 6, 20, 20, 1) and ds.test_images.shape == (12 * 2, 20, 20, 1)
+    assert np.bincount(ds.test_labels).tolist() == [2] * 12
+    again = load_source("glyphs", glyph_classes=12, glyph_instances=8, image_size=20, test_fraction=0.25, seed=3)
+    assert np.array_equal(ds.train_images, again.train_images)

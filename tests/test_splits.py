@@ -64,3 +64,17 @@ def test_prepared_round_trip(tiny_prepared):
 def test_prepared_missing_files_error(tmp_path):
     with pytest.raises(PreparedDataError, match="dvc repro prepare"):
         PreparedData.load(tmp_path)
+
+
+def test_novel_classes_as_a_seeded_count_and_the_all_pool():
+    train, test = labels(6, 20), labels(2, 20, seed=1)
+    a = make_split(train, test, 5, 2, seed=0, novel_pool="all")
+    b = make_split(train, test, 5, 2, seed=0, novel_pool="all")
+    assert a == b and len(a.novel_classes) == 5
+    assert make_split(train, test, 5, 2, seed=1).novel_classes != a.novel_classes
+    # "all": every image of a novel class is in the few-shot pool, none in any training set.
+    assert sorted(a.train_novel) == sorted(np.flatnonzero(np.isin(train, a.novel_classes)).tolist())
+    assert not set(a.train_novel) & set(a.pretrain)
+    assert make_split(train, test, 5, 2, seed=0).train_novel == []
+    with pytest.raises(SplitError, match="between 1 and 19"):
+        make_split(train, test, 20, 2, seed=0)

@@ -32,22 +32,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GlyphsConfig(_Section):
+    num_classes: PositiveInt = 1200
+    instances_per_class: Annotated[int, Field(ge=2)] = 20
+
+
 class DataConfig(_Section):
-    source: Literal["fashion_mnist", "imagefolder", "cifar10", "stl10"] = "fashion_mnist"
+    source: Literal["fashion_mnist", "imagefolder", "cifar10", "stl10", "glyphs"] = "fashion_mnist"
     root: str | None = None
     download: bool = False
     image_size: PositiveInt | None = None
     channels: Literal[1, 3] | None = None
-    novel_classes: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [5, 6, 7, 8, 9])
+    # Class ids held out of training, or a count of classes to draw by seed.
+    novel_classes: list[Annotated[int, Field(ge=0)]] | PositiveInt = Field(default_factory=lambda: [5, 6, 7, 8, 9])
+    novel_pool: Literal["test", "all"] = "test"
     labels_per_class: PositiveInt = 4
     max_train_per_class: PositiveInt | None = None
     max_test_per_class: PositiveInt | None = None
     on_corrupt: Literal["skip", "error"] = "skip"
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    glyphs: GlyphsConfig = GlyphsConfig()
 
     @field_validator("novel_classes")
     @classmethod
-    def _distinct(cls, value: list[int]) -> list[int]:
+    def _distinct(cls, value: list[int] | int) -> list[int] | int:
+        if isinstance(value, int):
+            return value
         if len(set(value)) != len(value):
             raise ValueError(f"novel classes must be distinct, got {value}")
         return sorted(value)

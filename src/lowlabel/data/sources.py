@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_SOURCES: tuple[str, ...] = ("fashion_mnist", "imagefolder", "cifar10", "stl10")
+ALLOWED_SOURCES: tuple[str, ...] = ("fashion_mnist", "imagefolder", "cifar10", "stl10", "glyphs")
 
 # Where Debian's `dataset-fashion-mnist` package installs the four gzipped IDX files.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -99,6 +99,8 @@ def load_source(
     download: bool = False,
     test_fraction: float = 0.2,
     seed: int = 0,
+    glyph_classes: int = 1200,
+    glyph_instances: int = 20,
 ) -> RawDataset:
     """Load ``source`` as uint8 NHWC arrays, resized to ``image_size`` and ``channels`` if given."""
     _check_image_size(image_size)
@@ -115,6 +117,10 @@ def load_source(
         ds = load_cifar10(root, download=download)
     elif source == "stl10":
         ds = load_stl10(root, download=download)
+    elif source == "glyphs":
+        # Rendered at the requested size directly (no resize of 28 px renders).
+        ds = load_glyphs(glyph_classes, glyph_instances, image_size or 28, test_fraction=test_fraction, seed=seed)
+        return _adapt(ds, image_size=None, channels=channels)
     else:
         raise DataSourceError(
             f"unknown data.source={source!r}; allowed sources: {', '.join(ALLOWED_SOURCES)}"
@@ -594,4 +600,28 @@ def load_stl10(root: str | None = None, *, download: bool = False) -> RawDataset
         test_labels=np.asarray(test.labels, dtype=np.int64),
         class_names=list(train.classes),
         skipped=[],
+    )
+
+
+# --------------------------------------------------------------------------- glyphs
+
+
+def load_glyphs(num_classes: int, instances_per_class: int, size: int, *, test_fraction: float, seed: int) -> RawDataset:
+    """The offline Omniglot-like set (``lowlabel.data.glyphs``): one class per character, one
+    writer per font; each class's instances split into train/test by ``test_fraction``."""
+    from lowlabel.data.glyphs import GlyphsError, render_glyphs
+
+    try:
+        glyphs = render_glyphs(num_classes, instances_per_class, size=size, seed=seed)
+    except GlyphsError as error:
+        raise DataSourceError(f"data.source=glyphs: {error}") from None
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    is_test = np.zeros(len(glyphs.labels), dtype=bool)
+    n_test = max(1, int(round(instances_per_class * test_fraction)))
+    for c in range(glyphs.num_classes):
+        members = np.flatnonzero(glyphs.labels == c)
+        is_test[rng.permutation(members)[:n_test]] = True
+    logger.info("glyphs: %d classes x %d instances from %d fonts", glyphs.num_classes, instances_per_class, len(glyphs.fonts))
+    return RawDataset(
+        glyphs.images[~is_test], glyphs.labels[~is_test], glyphs.images[is_test], glyphs.labels[is_test], glyphs.class_names, []
     )

@@ -8,7 +8,7 @@ images unlabeled. Test images stay apart. Everything is a function of (labels, p
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ class Split:
     test_base: list[int]        # indices into the test arrays
     test_novel: list[int]       # indices into the test arrays
     seed: int
+    train_novel: list[int] = field(default_factory=list)  # novel training images, when data.novel_pool is "all"
 
     @property
     def pretrain(self) -> list[int]:
@@ -51,13 +52,22 @@ def _cap_per_class(indices: np.ndarray, labels: np.ndarray, cap: int | None, rng
 def make_split(
     train_labels: np.ndarray,
     test_labels: np.ndarray,
-    novel_classes: list[int],
+    novel_classes: list[int] | int,
     labels_per_class: int,
     seed: int,
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
+    novel_pool: str = "test",
 ) -> Split:
+    """``novel_classes``: explicit class ids, or a count of classes drawn by ``seed``.
+    ``novel_pool``: few-shot images of the novel classes from the test split only ("test"),
+    or from train and test ("all": Omniglot-style sets with ~20 images per class)."""
     classes = np.unique(np.concatenate([train_labels, test_labels]))
+    if isinstance(novel_classes, int):
+        if not 0 < novel_classes < len(classes):
+            raise SplitError(f"data.novel_classes={novel_classes}: must be between 1 and {len(classes) - 1} (the data has {len(classes)} classes)")
+        picker = np.random.default_rng(np.random.SeedSequence([seed, 11]))
+        novel_classes = sorted(int(c) for c in picker.choice(classes, novel_classes, replace=False))
     missing = sorted(set(novel_classes) - set(classes.tolist()))
     if missing:
         raise SplitError(f"data.novel_classes: class ids {missing} do not exist; the data has classes {classes.tolist()}")
@@ -81,6 +91,7 @@ def make_split(
         unlabeled += members[labels_per_class:].tolist()
 
     is_novel_test = np.isin(test_labels[test_idx], novel_classes)
+    train_novel = train_idx[np.isin(train_labels[train_idx], novel_classes)] if novel_pool == "all" else np.array([], dtype=np.int64)
     return Split(
         base_classes=base,
         novel_classes=sorted(int(c) for c in novel_classes),
@@ -89,4 +100,5 @@ def make_split(
         test_base=[int(i) for i in test_idx[~is_novel_test]],
         test_novel=[int(i) for i in test_idx[is_novel_test]],
         seed=seed,
+        train_novel=[int(i) for i in train_novel],
     )

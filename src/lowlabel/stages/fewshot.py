@@ -55,6 +55,12 @@ def random_encoder(params: Params, in_chans: int) -> torch.nn.Module:
     return build_encoder(params.encoder.arch, in_chans, params.encoder.width).eval()
 
 
+def novel_pool_labels(data: PreparedData) -> np.ndarray:
+    """Labels of the few-shot pool, in the order :func:`evaluate_encoder` embeds it."""
+    test = data.test_labels[np.asarray(data.split.test_novel, dtype=np.int64)]
+    return np.concatenate([test, data.train_labels[np.asarray(data.split.train_novel, dtype=np.int64)]])
+
+
 def setting_name(n_way: int, k_shot: int) -> str:
     return f"{n_way}w{k_shot}s"
 
@@ -89,6 +95,8 @@ def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedDat
     encoder = encoder.to(device, memory_format=torch.channels_last)
     features = partial(extract_features, encoder, view=view, device=device, channels_last=True)
     novel = features(data.test_images, data.split.test_novel)
+    if data.split.train_novel:  # data.novel_pool: all
+        novel = torch.cat([novel, features(data.train_images, data.split.train_novel)])
     bank_idx, test_idx = monitor_indices(data, KNN_BANK_SIZE, params.seed)
     bank = features(data.train_images, bank_idx)
     test = features(data.test_images, test_idx)
@@ -107,7 +115,7 @@ def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedDat
 
 def fewshot(params: Params) -> dict:
     data = PreparedData.load(PREPARED_DIR)
-    novel_labels = data.test_labels[np.asarray(data.split.test_novel)]
+    novel_labels = novel_pool_labels(data)
     plans = plan_episodes(params, novel_labels)
     results: dict[str, dict] = {}
     rows = []

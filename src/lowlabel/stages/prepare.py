@@ -36,6 +36,8 @@ def _prepare(params: Params) -> dict:
         download=cfg.download,
         test_fraction=cfg.test_fraction,
         seed=params.seed,
+        glyph_classes=cfg.glyphs.num_classes,
+        glyph_instances=cfg.glyphs.instances_per_class,
     )
     split = make_split(
         raw.train_labels,
@@ -45,6 +47,7 @@ def _prepare(params: Params) -> dict:
         params.seed,
         max_train_per_class=cfg.max_train_per_class,
         max_test_per_class=cfg.max_test_per_class,
+        novel_pool=cfg.novel_pool,
     )
     # Normalisation constants come from the images training may see (base classes only).
     mean, std = channel_stats(raw.train_images[split.pretrain], seed=params.seed)
@@ -66,6 +69,7 @@ def _prepare(params: Params) -> dict:
         "unlabeled": len(split.unlabeled),
         "test_base": len(split.test_base),
         "test_novel": len(split.test_novel),
+        "train_novel": len(split.train_novel),
         "skipped_images": len(raw.skipped),
         "min_labels_per_class": int(min(labeled_counts.values())),
     }

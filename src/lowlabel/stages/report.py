@@ -62,7 +62,7 @@ def markdown(metrics: dict, params: Params, deltas: dict[str, float]) -> str:
         "# lowlabel report",
         "",
         f"Data: {params.data.source}, {prep['base_classes']} base classes ({prep['labeled']} labeled, {prep['unlabeled']} unlabeled training images), "
-        f"{prep['novel_classes']} novel classes held out ({prep['test_novel']} test images for few-shot); encoder {params.encoder.arch}; seed {params.seed}.",
+        f"{prep['novel_classes']} novel classes held out ({prep['test_novel'] + prep.get('train_novel', 0)} images for few-shot); encoder {params.encoder.arch}; seed {params.seed}.",
         "",
         f"Few-shot: {fs['episodes']} episodes per setting, {fs['queries']} queries per class, features `{fs['feature_norm']}`; mean accuracy ± 95% CI (%).",
         "",
