@@ -64,3 +64,53 @@ def test_masked_cross_entropy_by_hand():
     assert masked_cross_entropy(logits, targets, mask).item() == pytest.approx(expected, rel=1e-12)
     assert masked_cross_entropy(logits, targets, torch.zeros(3, dtype=torch.float64)).item() == 0.0
     assert F.cross_entropy(logits, targets).item() == pytest.approx(masked_cross_entropy(logits, targets, torch.ones(3, dtype=torch.float64)).item())
+
+
+def test_sharpen_by_hand():
+    from lowlabel.methods.losses import sharpen
+
+    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
+    t = 0.5
+    expected = p ** (1 / t) / (p ** (1 / t)).sum()
+    assert torch.allclose(sharpen(p, t), expected)
+    assert torch.allclose(sharpen(p, 1.0), p)
+
+
+@pytest.mark.parametrize(
+    "schedule, step, expected",
+    [
+        ("linear", 0, 1 / 5),
+        ("linear", 50, 0.5 * 0.8 + 0.2),
+        ("linear", 100, 1.0),
+        ("log", 50, (1 - math.exp(-2.5)) * 0.8 + 0.2),
+        ("exp", 50, math.exp(-2.5) * 0.8 + 0.2),
+        ("exp", 100, 1.0),
+        ("none", 0, 1.0),
+    ],
+)
+def test_tsa_threshold_at_given_steps(schedule, step, expected):
+    from lowlabel.methods.losses import tsa_threshold
+
+    assert tsa_threshold(schedule, step, 100, num_classes=5) == pytest.approx(expected)
+
+
+def test_tsa_cross_entropy_drops_confident_samples():
+    from lowlabel.methods.losses import tsa_cross_entropy
+
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64))
+    targets = torch.tensor([0, 1, 0])
+    # threshold 0.65: sample 0 (0.9) and 1 (0.7) are confident enough -> only sample 2 counts
+    assert tsa_cross_entropy(logits, targets, 0.65).item() == pytest.approx(-math.log(0.6))
+    assert tsa_cross_entropy(logits, targets, 1.01).item() == pytest.approx(F.cross_entropy(logits, targets).item())
+
+
+def test_kl_consistency_by_hand():
+    from lowlabel.methods.losses import kl_consistency, sharpen
+
+    weak = torch.log(torch.tensor([[0.9, 0.1], [0.55, 0.45]], dtype=torch.float64))
+    strong = torch.log(torch.tensor([[0.7, 0.3], [0.5, 0.5]], dtype=torch.float64))
+    loss, mask = kl_consistency(weak, strong, temperature=0.5, threshold=0.8)
+    assert mask.tolist() == [1.0, 0.0]
+    target = sharpen(torch.tensor([[0.9, 0.1]], dtype=torch.float64), 0.5)[0]
+    kl = (target * (target.log() - torch.tensor([0.7, 0.3], dtype=torch.float64).log())).sum().item()
+    assert loss.item() == pytest.approx(kl / 2)

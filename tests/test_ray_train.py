@@ -97,7 +97,7 @@ def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, 
         "batch_size": 4,
         "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
         "ema_decay": 0.99,
-        "fixmatch": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
+        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
         "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
     }
     result = run_training_job(

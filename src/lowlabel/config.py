@@ -19,7 +19,7 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0, le=1)]
 
 PRETRAIN_METHODS = ("simclr", "moco")
-SEMISUP_METHODS = ("fixmatch", "supervised")
+SEMISUP_METHODS = ("fixmatch", "uda", "supervised")
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn")
 
 
@@ -158,6 +158,14 @@ class FixMatchConfig(_Section):
     lambda_u: NonNegFloat = 1.0
 
 
+class UDAConfig(_Section):
+    mu: PositiveInt = 7
+    threshold: Probability = 0.8
+    lambda_u: NonNegFloat = 1.0
+    temperature: PositiveFloat = 0.4    # sharpening of the weak-view target
+    tsa: Literal["none", "linear", "log", "exp"] = "linear"
+
+
 class RandAugmentConfig(_Section):
     num_ops: PositiveInt = 2
     magnitude: Annotated[int, Field(ge=0, le=30)] = 10
@@ -174,6 +182,7 @@ class SemisupConfig(_Section):
     optim: Optim = Optim(optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
     fixmatch: FixMatchConfig = FixMatchConfig()
+    uda: UDAConfig = UDAConfig()
     randaugment: RandAugmentConfig = RandAugmentConfig()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +59,45 @@ def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``mean_i mask_i * CE(logits_i, targets_i)`` over all samples (masked ones count as 0)."""
     return (F.cross_entropy(logits, targets, reduction="none") * mask).mean()
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``p_i^(1/T) / sum_j p_j^(1/T)`` (UDA's target sharpening; T < 1 sharpens)."""
+    logits = torch.log(probs.clamp_min(1e-12)) / temperature
+    return torch.softmax(logits, dim=1)
+
+
+def tsa_threshold(schedule: str, step: int, total_steps: int, num_classes: int) -> float:
+    """Training-signal annealing (Xie et al. 2020): eta_t = alpha_t (1 - 1/K) + 1/K.
+
+    alpha_t is t/T ("linear"), 1 - exp(-5 t/T) ("log"), exp(5 (t/T - 1)) ("exp"); "none" is 1.
+    """
+    progress = min(1.0, step / max(1, total_steps))
+    alpha = {
+        "none": 1.0,
+        "linear": progress,
+        "log": 1 - math.exp(-5 * progress),
+        "exp": math.exp(5 * (progress - 1)),
+    }[schedule]
+    return alpha * (1 - 1 / num_classes) + 1 / num_classes
+
+
+def tsa_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Cross-entropy over the labeled samples whose correct-class probability is still below
+    ``threshold``; confident ones are masked out (so the few labels are not over-fitted)."""
+    loss = F.cross_entropy(logits, targets, reduction="none")
+    correct_prob = torch.softmax(logits.detach().float(), dim=1).gather(1, targets[:, None]).squeeze(1)
+    mask = (correct_prob < threshold).float()
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Tensor, temperature: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """UDA's consistency loss: KL(sharpen(p(weak)) || p(strong)) where max p(weak) >= threshold.
+
+    Returns (loss averaged over all unlabeled samples, mask). The weak branch is a fixed target.
+    """
+    weak = torch.softmax(weak_logits.detach().float(), dim=1)
+    mask = (weak.max(dim=1).values >= threshold).float()
+    target = sharpen(weak, temperature)
+    kl = (target * (torch.log(target.clamp_min(1e-12)) - F.log_softmax(strong_logits.float(), dim=1))).sum(dim=1)
+    return (kl * mask).mean(), mask

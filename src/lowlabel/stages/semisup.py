@@ -57,7 +57,7 @@ def semisup(params: Params, method: str) -> dict:
             "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
             "grad_clip": cfg.optim.grad_clip,
             "ema_decay": cfg.ema_decay,
-            "fixmatch": cfg.fixmatch.model_dump(),
+            "method_kwargs": getattr(cfg, method).model_dump() if hasattr(cfg, method) else {},
             "randaugment": cfg.randaugment.model_dump(),
         }
         name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"

@@ -1,4 +1,4 @@
-"""Semi-supervised training loop (FixMatch, or the supervised-only baseline), per Ray worker.
+"""Semi-supervised training loop (FixMatch, UDA, or the supervised-only baseline), per Ray worker.
 
 Training is counted in steps; every ``eval_every`` steps is one chunk: metrics, an EMA
 test-accuracy check and a checkpoint. Each chunk's data order is a function of
@@ -30,7 +30,7 @@ from lowlabel.models.heads import Classifier
 from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, print_main, report, setup_worker
 from lowlabel.train.optim import build_optimizer
 
-USES_UNLABELED = {"fixmatch"}
+USES_UNLABELED = {"fixmatch", "uda"}
 
 
 def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
@@ -98,7 +98,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
         loaders: list[DataLoader] = [labeled_loader]
         if unlabeled_ds is not None:
             unlabeled_ds.set_epoch(chunk)
-            mu_batch = per_worker * config["fixmatch"]["mu"]
+            mu_batch = per_worker * config["method_kwargs"]["mu"]
             loaders.append(
                 DataLoader(
                     unlabeled_ds,
@@ -112,13 +112,10 @@ def semisup_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         for i, batches in enumerate(zip(*loaders)):
             x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = {**config["method_kwargs"], "step": first + i, "total_steps": steps}
             if unlabeled_ds is not None:
                 u_weak, u_strong, u_true = batches[1]
-                kwargs = dict(
-                    u_weak=ctx.to_device(u_weak), u_strong=ctx.to_device(u_strong), u_true=u_true.to(ctx.device), **config["fixmatch"]
-                )
-                kwargs.pop("mu")
+                kwargs |= dict(u_weak=ctx.to_device(u_weak), u_strong=ctx.to_device(u_strong), u_true=u_true.to(ctx.device))
             with ctx.autocast():
                 out = step_fn(model, x, y, **kwargs)
             check_finite(out["loss"], chunk + 1, first + i)
@@ -132,7 +129,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
         seconds = time.perf_counter() - started
-        images = n_steps * per_worker * ctx.world_size * (1 + 2 * config["fixmatch"]["mu"] if unlabeled_ds is not None else 1)
+        images = n_steps * per_worker * ctx.world_size * (1 + 2 * config["method_kwargs"]["mu"] if unlabeled_ds is not None else 1)
         metrics = {key: all_reduce_mean(value / n_steps).item() for key, value in sums.items()}
         metrics |= {"lr": optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
         if ctx.is_main:
