@@ -2,7 +2,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lowlabel.config import ConfigError, load_params
 from lowlabel.data.glyphs import GLYPH_FONT_PACKAGES

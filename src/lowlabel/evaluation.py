@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.data.augment import View
+from lowlabel.data.prepared import PreparedData
 
 
 @torch.inference_mode()
@@ -53,3 +54,10 @@ def knn_accuracy(
         votes = torch.zeros(len(idx), num_classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
         correct += (votes.argmax(1) == query_labels[start : start + 1024]).sum().item()
     return correct / max(1, len(query))
+
+
+def knn_split(data: PreparedData, bank_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN bank (a fixed subset of base training images; None: all) and the base test images."""
+    rng = np.random.default_rng(seed)
+    bank = np.sort(rng.permutation(np.asarray(data.split.pretrain))[:bank_size])
+    return bank, np.asarray(data.split.test_base)

@@ -7,6 +7,7 @@ run's storage); metrics go to MLflow from rank 0 only.
 from __future__ import annotations
 
 import math
+import os
 import random
 import tempfile
 import time
@@ -148,3 +149,22 @@ def print_main(ctx: WorkerContext, text: str) -> None:
     if ctx.is_main:
         print(text, flush=True)
 
+
+
+def maybe_inject_fault(config: dict[str, Any], ctx: WorkerContext, epoch: int, step: int) -> None:
+    """Test hook for fault tolerance: kill this worker process once, mid-epoch.
+
+    ``config["fault_injection"] = {"epoch": e, "step": s, "rank": r, "marker": path}`` makes
+    rank r exit abruptly at step s of epoch e, the first time only (the marker file remembers),
+    as a crashed or preempted worker would; Ray Train then restarts the group from the last
+    checkpoint when ``runtime.max_failures`` allows.
+    """
+    fault = config.get("fault_injection")
+    if not fault or (epoch, step, ctx.rank) != (fault["epoch"], fault["step"], fault.get("rank", 0)):
+        return
+    marker = fault["marker"]
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as handle:
+        handle.write(f"killed rank {ctx.rank} at epoch {epoch} step {step}\n")
+    os._exit(1)

@@ -21,14 +21,13 @@ import torch
 from lowlabel.config import Params
 from lowlabel.data.augment import eval_view
 from lowlabel.data.prepared import PreparedData
-from lowlabel.evaluation import extract_features, knn_accuracy
+from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.fewshot import Episode, evaluate_episodes, normalize_features, sample_episodes
 from lowlabel.models.encoders import build_encoder
 from lowlabel.models.store import ENCODER_FILE, load_encoder
 from lowlabel.runner.worker import seed_everything
 from lowlabel.stages.common import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run, write_csv, write_json
 from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN
-from lowlabel.train.pretrain import monitor_indices
 
 log = logging.getLogger("lowlabel.fewshot")
 
@@ -97,7 +96,7 @@ def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedDat
     novel = features(data.test_images, data.split.test_novel)
     if data.split.train_novel:  # data.novel_pool: all
         novel = torch.cat([novel, features(data.train_images, data.split.train_novel)])
-    bank_idx, test_idx = monitor_indices(data, KNN_BANK_SIZE, params.seed)
+    bank_idx, test_idx = knn_split(data, KNN_BANK_SIZE, params.seed)
     bank = features(data.train_images, bank_idx)
     test = features(data.test_images, test_idx)
     out: dict = {

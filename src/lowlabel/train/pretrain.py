@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -20,7 +19,7 @@ from lowlabel.data.augment import contrastive_view, eval_view
 from lowlabel.data.datasets import ViewsDataset
 from lowlabel.data.prepared import PreparedData
 from lowlabel.distributed import all_reduce_mean
-from lowlabel.evaluation import extract_features, knn_accuracy
+from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.methods import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.runner.worker import (
@@ -29,6 +28,7 @@ from lowlabel.runner.worker import (
     WorkerContext,
     check_finite,
     load_state,
+    maybe_inject_fault,
     print_main,
     report,
     setup_worker,
@@ -36,16 +36,9 @@ from lowlabel.runner.worker import (
 from lowlabel.train.optim import build_optimizer
 
 
-def monitor_indices(data: PreparedData, bank_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kNN bank (a fixed subset of base training images; None: all) and the base test images."""
-    rng = np.random.default_rng(seed)
-    bank = np.sort(rng.permutation(np.asarray(data.split.pretrain))[:bank_size])
-    return bank, np.asarray(data.split.test_base)
-
-
 def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData, k: int, bank_size: int | None, seed: int) -> float:
     view = eval_view(data.mean, data.std)
-    bank, test = monitor_indices(data, bank_size, seed)
+    bank, test = knn_split(data, bank_size, seed)
     bank_feats = extract_features(encoder, data.train_images, bank, view, device=ctx.device, channels_last=ctx.channels_last)
     test_feats = extract_features(encoder, data.test_images, test, view, device=ctx.device, channels_last=ctx.channels_last)
     return knn_accuracy(bank_feats, torch.from_numpy(data.train_labels[bank]), test_feats, torch.from_numpy(data.test_labels[test]), k=k)
@@ -85,6 +78,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
         print_main(ctx, f"[{config['label']}] resumed from the checkpoint of epoch {start_epoch}")
+        logger.log({"resumed_at_epoch": start_epoch}, step=start_epoch)  # the restart, on the record
     elif ctx.is_main:
         # The encoder before any training: the random-init reference for the kNN curve.
         knn0 = knn_monitor(ctx, method.encoder, data, config["knn_k"], config["knn_bank_size"], config["seed"])
@@ -103,6 +97,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break
+            maybe_inject_fault(config, ctx, epoch + 1, step)
             views = [ctx.to_device(v) for v in batch[:-1]]
             with ctx.autocast():
                 loss = model(views)["loss"]
