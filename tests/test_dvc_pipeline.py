@@ -107,7 +107,9 @@ def test_every_mlflow_run_finished_and_linked(project):
     fixmatch = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "semisup@fixmatch")
     assert fixmatch.data.tags["lowlabel.init_run_id"] == pretrain.info.run_id
     assert "knn_acc" in pretrain.data.metrics
-    assert [a.path for a in client.list_artifacts(pretrain.info.run_id) if a.path == "encoder"]
+    # MLflow 3 keeps models as LoggedModel entities linked to their source run.
+    models = client.search_logged_models([pretrain.info.experiment_id], filter_string=f"source_run_id = '{pretrain.info.run_id}'")
+    assert [m.name for m in models] == ["encoder"]
 
 
 def test_second_repro_is_a_noop(project):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ def two_nodes(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
+    # Cluster writes the head's address to <default temp dir>/ray/ray_current_cluster whatever
+    # temp_dir says; on a fresh machine that folder does not exist yet.
+    Path(tempfile.gettempdir(), "ray").mkdir(exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": str(tmp_path_factory.mktemp("rayc"))})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

@@ -174,7 +174,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
     )
     marker = tmp_path / "killed"
     faulty = pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=2) | {
-        "fault_injection": {"epoch": 2, "step": 2, "rank": 1, "marker": str(marker)}
+        "fault_injection": {"epoch": 2, "step": 2, "rank": 1, "marker": str(marker), "delay_s": 5.0}
     }
     result = run_training_job(pretrain_loop, faulty, name="faulty", workers=2, use_gpu=False, cpus_per_worker=1,
                               storage_path=str(tmp_path / "ray"), max_failures=1)

@@ -148,7 +148,9 @@ def evaluate_episodes(
         np.array_equal(labels[support_idx], classes[:, support_y])
         and np.array_equal(labels[query_idx], classes[:, query_y])
     ):
-        raise ValueError("episode indices do not match `labels`; were they sampled from other labels?")
+        raise ValueError(
+            "episode indices do not match `labels`; were they sampled from other labels?"
+        )
 
     head = build_head(head_name, **(head_kwargs or {}))
     device = feats.device

@@ -154,7 +154,8 @@ class ProtoNet(FewShotClassifier):
     def _score(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         if self.distance == "euclidean":
             return -_sq_dists(query, prototypes)
-        return torch.bmm(F.normalize(query, dim=-1), F.normalize(prototypes, dim=-1).transpose(1, 2))
+        protos = F.normalize(prototypes, dim=-1)
+        return torch.bmm(F.normalize(query, dim=-1), protos.transpose(1, 2))
 
     def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> ProtoNet:
         self.prototypes_ = self._prototypes(support[None], support_labels[None], n_way)[0]
@@ -202,7 +203,9 @@ class _FineTuned(FewShotClassifier):
         self.weight_decay = weight_decay
         self.seed = seed
 
-    def _init_uniform(self, shape: tuple[int, ...], bound: float, like: torch.Tensor) -> torch.Tensor:
+    def _init_uniform(
+        self, shape: tuple[int, ...], bound: float, like: torch.Tensor
+    ) -> torch.Tensor:
         # Same U(-1/sqrt(dim), 1/sqrt(dim)) range nn.Linear uses, but reproducible per seed.
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2.0 - 1.0) * bound
@@ -218,9 +221,13 @@ class _FineTuned(FewShotClassifier):
         trainable = [p for p in params.values() if p.requires_grad]
         return [{"params": trainable, "weight_decay": self.weight_decay}]
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-input transform applied once, outside the training loop."""
+        return x
+
     @abstractmethod
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x (E,A,D) -> logits (E,A,N)."""
+        """Prepared x (E,A,D) -> logits (E,A,N)."""
 
     def _train(
         self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int
@@ -229,7 +236,7 @@ class _FineTuned(FewShotClassifier):
         # inference_mode(False) + clone lets fitting work even when the caller is inside
         # torch.inference_mode() (inference tensors cannot be saved for backward).
         with torch.inference_mode(False), torch.enable_grad():
-            x = support.detach().clone()
+            x = self._prepare(support.detach().clone())
             y = support_labels.detach().clone().long().reshape(-1)
             if bool((y < 0).any()) or bool((y >= n_way).any()):
                 raise ValueError(f"support_labels must lie in 0..{n_way - 1}")
@@ -254,7 +261,7 @@ class _FineTuned(FewShotClassifier):
         _check_episode_batch(support, support_labels, query, n_way)
         params = self._train(support, support_labels, n_way)
         with torch.no_grad():
-            return self._forward(params, query)
+            return self._forward(params, self._prepare(query))
 
 
 class LinearProbe(_FineTuned):
@@ -345,12 +352,15 @@ class CosineClassifier(_FineTuned):
             groups.append({"params": [params["scale"]], "weight_decay": 0.0})
         return groups
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         # x . (w / |w|) computed as (x . w) / |w|: same value, but autograd never has to
         # materialise (or backprop through) a normalised copy of the (E,N,D) weight.
         weight = params["weight"]
         norms = weight.norm(dim=-1).clamp_min(1e-12).unsqueeze(1)  # (E,1,N), F.normalize's eps
-        cos = _ConstInputLinear.apply(F.normalize(x, dim=-1), weight) / norms
+        cos = _ConstInputLinear.apply(x, weight) / norms
         return params["scale"].view(-1, 1, 1) * cos
 
     def fit(
@@ -397,9 +407,11 @@ class KNN(FewShotClassifier):
             labels.long().unsqueeze(1).expand(e, q, -1), 2, nearest
         )  # (E,Q,k)
         out = torch.zeros(e, q, n_way, device=query.device, dtype=query.dtype)
-        votes = out.scatter_add(2, neighbour_labels, torch.ones_like(neighbour_labels, dtype=out.dtype))
+        ones = torch.ones_like(neighbour_labels, dtype=out.dtype)
+        votes = out.scatter_add(2, neighbour_labels, ones)
         # Rank r (0 = nearest) earns (k - r) / (k + 1): distinct, all in (0, 1).
-        rank_bonus = (self.k - torch.arange(self.k, device=query.device, dtype=out.dtype)) / (self.k + 1)
+        ranks = torch.arange(self.k, device=query.device, dtype=out.dtype)
+        rank_bonus = (self.k - ranks) / (self.k + 1)
         bonus = out.scatter_reduce(
             2, neighbour_labels, rank_bonus.expand(e, q, -1), reduce="amax", include_self=True
         )

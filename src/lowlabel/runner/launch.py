@@ -88,7 +88,7 @@ def check_storage(storage_path: str) -> None:
         )
 
 
-def latest_checkpoint(run_dir: Path, state_file: str = "state.pt") -> ray.train.Checkpoint | None:
+def latest_checkpoint(run_dir: Path, state_file: str = "state.pt") -> Path | None:
     """The newest complete checkpoint a previous (killed or failed) run left in ``run_dir``.
 
     Ray names checkpoint folders by timestamp; one without a loadable state file (the run was
@@ -104,7 +104,7 @@ def latest_checkpoint(run_dir: Path, state_file: str = "state.pt") -> ray.train.
         except Exception:  # noqa: BLE001 - any unreadable file means an incomplete checkpoint
             log.warning("skipping incomplete checkpoint %s", folder)
             continue
-        return ray.train.Checkpoint.from_directory(str(folder))
+        return folder
     return None
 
 
@@ -134,12 +134,15 @@ def run_training_job(
         storage_path = str(Path(storage_path).resolve())
     check_storage(storage_path)
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})
+    # Ray Train V2 neither resumes a re-run by itself nor keeps `resume_from_checkpoint`
+    # (deprecated): the loop gets the folder through its config and loads it when Ray has
+    # no newer checkpoint of this job (ray.train.get_checkpoint() after a worker restart).
     resume = latest_checkpoint(Path(storage_path) / name) if "://" not in storage_path else None
     if resume is not None:
-        print(f"[{name}] resuming from {resume.path}", flush=True)
+        print(f"[{name}] resuming from {resume}", flush=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**config, "use_gpu": gpu},
+        train_loop_config={**config, "use_gpu": gpu, "resume_dir": str(resume) if resume else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
@@ -148,7 +151,6 @@ def run_training_job(
             # Ray Train's per-report INFO lines drown the stage's own progress lines.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        resume_from_checkpoint=resume,
     )
     return trainer.fit()
 

@@ -65,13 +65,16 @@ def setup_worker(config: dict[str, Any]) -> WorkerContext:
     return WorkerContext(rank, world, device, amp_dtype, channels_last=True)
 
 
-def load_state() -> dict[str, Any] | None:
-    """The latest reported state of this run (after a worker failure or a re-run), if any."""
+def load_state(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The state to continue from: this job's latest checkpoint after a worker restart, else the
+    previous run's newest complete checkpoint (``config["resume_dir"]``), else None."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    if config.get("resume_dir"):
+        return torch.load(Path(config["resume_dir"]) / STATE_FILE, map_location="cpu", weights_only=False)
+    return None
 
 
 def report(ctx: WorkerContext, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
@@ -154,7 +157,7 @@ def print_main(ctx: WorkerContext, text: str) -> None:
 def maybe_inject_fault(config: dict[str, Any], ctx: WorkerContext, epoch: int, step: int) -> None:
     """Test hook for fault tolerance: kill this worker process once, mid-epoch.
 
-    ``config["fault_injection"] = {"epoch": e, "step": s, "rank": r, "marker": path}`` makes
+    ``config["fault_injection"] = {"epoch": e, "step": s, "rank": r, "marker": path, "delay_s": d}`` makes
     rank r exit abruptly at step s of epoch e, the first time only (the marker file remembers),
     as a crashed or preempted worker would; Ray Train then restarts the group from the last
     checkpoint when ``runtime.max_failures`` allows.
@@ -165,6 +168,9 @@ def maybe_inject_fault(config: dict[str, Any], ctx: WorkerContext, epoch: int, s
     marker = fault["marker"]
     if os.path.exists(marker):
         return
+    # Ray Train's controller collects reports when it polls the workers (every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a crash before that poll loses the report too.
+    time.sleep(fault.get("delay_s", 0.0))
     with open(marker, "w") as handle:
         handle.write(f"killed rank {ctx.rank} at epoch {epoch} step {step}\n")
     os._exit(1)

@@ -72,7 +72,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))
 
     start_epoch, history = 0, []
-    state = load_state()
+    state = load_state(config)
     if state is not None:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -76,7 +76,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     step_fn = SEMISUP_STEPS[method]
 
     start_chunk, history = 0, []
-    state = load_state()
+    state = load_state(config)
     if state is not None:
         model_inner.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
