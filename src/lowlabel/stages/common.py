@@ -148,3 +148,21 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     # Outputs now live in DVC outs; drop the run's checkpoints so a re-run starts afresh.
     remove_run(rt.storage_path, name)
     return state
+
+
+def publish_training_outputs(
+    stage: str, method: str, metrics: dict[str, Any], history: list[dict[str, Any]], encoder_file: Path, in_chans: int, image_size: int
+) -> None:
+    """A training stage's metrics JSON and per-epoch CSV (DVC metrics/plots), and the same in
+    the active MLflow run with the encoder as a model."""
+    import mlflow
+
+    from lowlabel.models.store import load_encoder
+    from lowlabel.tracking import log_encoder
+
+    plot = PLOTS_DIR / stage / f"{method}.csv"
+    write_json(METRICS_DIR / stage / f"{method}.json", metrics)
+    write_csv(plot, history)
+    mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.log_artifact(str(plot))
+    log_encoder(load_encoder(encoder_file)[0], in_chans, image_size)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
-
 from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData
 from lowlabel.methods.moco import default_queue_size
-from lowlabel.models.store import ENCODER_FILE, load_encoder, save_encoder
-from lowlabel.stages.common import MODELS_DIR, METRICS_DIR, PLOTS_DIR, PREPARED_DIR, params_hash, stage_main, tracked_run, train_in_ray, write_csv, write_json
-from lowlabel.tracking import log_encoder
+from lowlabel.models.store import ENCODER_FILE, save_encoder
+from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, params_hash, publish_training_outputs, stage_main, tracked_run, train_in_ray
 from lowlabel.train.pretrain import pretrain_loop
 
 # The per-epoch monitor uses a fixed 5k subset of the base training images as its bank,
@@ -62,11 +59,7 @@ def pretrain(params: Params, method: str) -> dict:
             out, state["encoder"], arch=params.encoder.arch, width=params.encoder.width, in_chans=data.in_chans,
             image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
         )
-        write_json(METRICS_DIR / "pretrain" / f"{method}.json", metrics)
-        write_csv(PLOTS_DIR / "pretrain" / f"{method}.csv", history)
-        mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if v is not None})
-        mlflow.log_artifact(str(PLOTS_DIR / "pretrain" / f"{method}.csv"))
-        log_encoder(load_encoder(out)[0], data.in_chans, data.image_size)
+        publish_training_outputs("pretrain", method, metrics, history, out, data.in_chans, data.image_size)
     return metrics
 
 

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
 import torch
 
 from lowlabel.config import SEMISUP_METHODS, Params
 from lowlabel.data.prepared import PreparedData
-from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, load_encoder, save_encoder
+from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
 from lowlabel.stages.common import (
-    METRICS_DIR,
     MODELS_DIR,
-    PLOTS_DIR,
     PREPARED_DIR,
     StageError,
     params_hash,
+    publish_training_outputs,
     stage_main,
     tracked_run,
     train_in_ray,
-    write_csv,
-    write_json,
 )
-from lowlabel.tracking import TAG_INIT_RUN, log_encoder
+from lowlabel.tracking import TAG_INIT_RUN
 from lowlabel.train.semisup import semisup_loop
 
 
@@ -82,11 +78,7 @@ def semisup(params: Params, method: str) -> dict:
             image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id, init_run_id=init_run,
         )
         atomic_torch_save(state["ema"], out.with_name("classifier_ema.pt"))
-        write_json(METRICS_DIR / "semisup" / f"{method}.json", metrics)
-        write_csv(PLOTS_DIR / "semisup" / f"{method}.csv", history)
-        mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(PLOTS_DIR / "semisup" / f"{method}.csv"))
-        log_encoder(load_encoder(out)[0], data.in_chans, data.image_size)
+        publish_training_outputs("semisup", method, metrics, history, out, data.in_chans, data.image_size)
     return metrics
 
 
