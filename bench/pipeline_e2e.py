@@ -1,6 +1,6 @@
 """End-to-end pipeline benchmark: wall time per stage, peak memory, no-op repro time.
 
-    .venv/bin/python bench/pipeline_e2e.py [--workdir DIR] [--set key=value ...]
+    .venv/bin/python bench/pipeline_e2e.py [--workdir DIR] [--preset NAME] [--set key=value ...]
 
 Clones this checkout into a scratch directory (so your own outputs stay untouched), runs
 `dvc repro` there with the repo's params.yaml (plus any --set overrides), samples the summed
@@ -83,11 +83,18 @@ def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--preset", default=None, help="start from presets/NAME.yaml instead of the repo's params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param, e.g. pretrain.epochs=2")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lowlabel-bench-"))
     subprocess.run(["git", "clone", "-q", str(REPO), str(workdir)], check=True)
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    if args.preset:
+        sys.path.insert(0, str(workdir / "src"))
+        from lowlabel.presets import build
+
+        params = build(args.preset).model_dump(mode="json")
+    else:
+        params = yaml.safe_load((workdir / "params.yaml").read_text())
     for item in args.set:
         key, _, value = item.partition("=")
         set_param(params, key, value)
