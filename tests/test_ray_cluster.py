@@ -54,3 +54,20 @@ def test_more_workers_than_the_cluster_has_fails_fast(two_nodes, tiny_prepared, 
     with pytest.raises(ClusterError, match=r"runtime.workers=3 .*CPU: asked 3, cluster has 2"):
         run_training_job(pretrain_loop, config, name="too-many", workers=3, use_gpu=False, cpus_per_worker=1,
                          storage_path=str(tmp_path / "ray"), ray_address=two_nodes.address)
+
+
+def test_unreachable_cluster_address_fails_in_seconds():
+    import socket
+    import time
+
+    from lowlabel.runner.launch import check_reachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.perf_counter()
+    with pytest.raises(ClusterError, match=rf"cannot reach the Ray cluster at .*127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=3)
+    with pytest.raises(ClusterError, match="ray://127.0.0.1"):
+        check_reachable(f"ray://127.0.0.1:{port}", timeout_s=3)
+    assert time.perf_counter() - started < 10

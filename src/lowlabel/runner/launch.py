@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,22 @@ def cluster_address(configured: str | None) -> str | None:
     return os.environ.get("RAY_ADDRESS") or configured
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to the cluster's address first: ray.init on a dead address retries for
+    minutes, this answers in seconds and leaves nothing running."""
+    if address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    if not host:
+        host, port = rest, ""
+    default_port = 10001 if scheme == "ray" else 6379
+    try:
+        socket.create_connection((host, int(port or default_port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise ClusterError(f"cannot reach the Ray cluster at RAY_ADDRESS/runtime.ray_address={address!r}: {error}") from None
+
+
 def ensure_ray(address: str | None, local_num_cpus: int | None = None) -> None:
     """Connect to the named cluster, or start a local one sized for this machine."""
     if ray.is_initialized():
@@ -43,6 +60,7 @@ def ensure_ray(address: str | None, local_num_cpus: int | None = None) -> None:
     src_dir = str(Path(__file__).resolve().parents[2])
     runtime_env = {"env_vars": {**env_vars, "PYTHONPATH": os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))}}
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except Exception as error:  # ConnectionError, TimeoutError, RuntimeError depending on the failure
