@@ -55,13 +55,15 @@ def new_run(mlflow_uri):
     return client, client.create_run(exp).info.run_id
 
 
-def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
-    client, run_id = new_run(mlflow_uri)
-    config = common(tiny_prepared, mlflow_uri, run_id) | {
-        "label": "test-pretrain",
-        "method": "simclr",
-        "method_kwargs": {"temperature": 0.2, "proj_hidden_dim": 16, "proj_dim": 8, "gather_distributed": None},
-        "epochs": 2,
+def pretrain_config(tiny_prepared, mlflow_uri, run_id, method="simclr", epochs=2, **method_kwargs):
+    kwargs = {"temperature": 0.2, "proj_hidden_dim": 16, "proj_dim": 8} | method_kwargs
+    if method == "simclr":
+        kwargs["gather_distributed"] = None
+    return common(tiny_prepared, mlflow_uri, run_id) | {
+        "label": f"test-{method}",
+        "method": method,
+        "method_kwargs": kwargs,
+        "epochs": epochs,
         "batch_size": 32,
         "max_steps_per_epoch": None,
         "optim": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False, "warmup_fraction": 0.1},
@@ -70,6 +72,11 @@ def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path
         "knn_k": 5,
         "knn_bank_size": 100,
     }
+
+
+def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
+    client, run_id = new_run(mlflow_uri)
+    config = pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=2)
     result = run_training_job(
         pretrain_loop, config, name="t-pretrain", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
     )
@@ -118,25 +125,6 @@ def test_impossible_worker_count_fails_fast(ray_local):
         check_resources(64, 1, use_gpu=False)
     with pytest.raises(ClusterError, match="GPU: asked 1"):
         check_resources(1, 1, use_gpu=True)
-
-
-def pretrain_config(tiny_prepared, mlflow_uri, run_id, method="simclr", epochs=2, **method_kwargs):
-    kwargs = {"temperature": 0.2, "proj_hidden_dim": 16, "proj_dim": 8} | method_kwargs
-    if method == "simclr":
-        kwargs["gather_distributed"] = None
-    return common(tiny_prepared, mlflow_uri, run_id) | {
-        "label": f"test-{method}",
-        "method": method,
-        "method_kwargs": kwargs,
-        "epochs": epochs,
-        "batch_size": 32,
-        "max_steps_per_epoch": None,
-        "optim": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False, "warmup_fraction": 0.1},
-        "crop_scale": [0.5, 1.0],
-        "eval_every": 1,
-        "knn_k": 5,
-        "knn_bank_size": 100,
-    }
 
 
 def test_rerun_under_the_same_name_resumes_from_the_last_checkpoint(ray_local, tiny_prepared, mlflow_uri, tmp_path):
