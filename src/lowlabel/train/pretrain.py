@@ -102,11 +102,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             with ctx.autocast():
                 loss = model(views)["loss"]
             check_finite(loss, epoch + 1, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
-            optimizer.step()
+            ctx.optimizer_step(loss, optimizer, method.parameters(), grad_clip)
             global_step = epoch * steps_per_epoch + step + 1
             schedule.step_update(global_step)
             method.on_train_step_end(global_step, total_steps)

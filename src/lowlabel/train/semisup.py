@@ -119,11 +119,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             with ctx.autocast():
                 out = step_fn(model, x, y, **kwargs)
             check_finite(out["loss"], chunk + 1, first + i)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if config.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(model_inner.parameters(), config["grad_clip"])
-            optimizer.step()
+            ctx.optimizer_step(out["loss"], optimizer, model_inner.parameters(), config.get("grad_clip"))
             schedule.step_update(first + i + 1)
             ema.update(model_inner, step=first + i)
             for key, value in out.items():
