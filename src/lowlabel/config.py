@@ -7,6 +7,7 @@ value given and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,20 +66,26 @@ class DataConfig(_Section):
 
 class EncoderConfig(_Section):
     # conv4: the few-shot literature's 4-block ConvNet; resnet18_cifar: timm's ResNet-18
-    # with a 3x3 stride-1 stem and no max-pool (small images); timm:<name>: any timm model.
+    # with a 3x3 stride-1 stem and no max-pool (small images); wrn<depth>_<widen>: the CIFAR
+    # Wide-ResNet of FixMatch (wrn28_2; width unused); timm:<name>: any timm model.
     arch: str = "conv4"
     width: PositiveInt = 64
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
+        wrn = re.fullmatch(r"wrn(\d+)_(\d+)", value)
+        if wrn and (int(wrn[1]) - 4) % 6 == 0 and int(wrn[1]) >= 10 and int(wrn[2]) >= 1:
+            return value
         if value in ("conv4", "resnet18_cifar") or (value.startswith("timm:") and len(value) > 5):
             return value
-        raise ValueError(f"unknown encoder arch {value!r}; allowed: 'conv4', 'resnet18_cifar', 'timm:<model name>'")
+        raise ValueError(f"unknown encoder arch {value!r}; allowed: 'conv4', 'resnet18_cifar', 'wrn<depth>_<widen>' (depth 6n+4, e.g. wrn28_2), 'timm:<model name>'")
 
 
 class RuntimeConfig(_Section):
-    workers: PositiveInt = 2
+    # A count, or "auto": resolved when the job starts (lowlabel.runner.launch.resolve_workers),
+    # one worker per GPU of the cluster when training on GPU, else per cpus_per_worker CPUs.
+    workers: int | Literal["auto"] = 2
     use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: PositiveFloat = 1.0
     loader_workers: Annotated[int, Field(ge=0)] = 0
