@@ -21,7 +21,8 @@ Probability = Annotated[float, Field(gt=0, le=1)]
 
 PRETRAIN_METHODS = ("simclr", "moco")
 SEMISUP_METHODS = ("fixmatch", "uda", "supervised")
-FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn")
+# finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
+FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "finetune")
 
 
 class ConfigError(ValueError):
@@ -193,6 +194,15 @@ class SemisupConfig(_Section):
     randaugment: RandAugmentConfig = RandAugmentConfig()
 
 
+class FewshotFinetuneConfig(_Section):
+    """The ``finetune`` head: a copy of the encoder's last block + a new linear layer per episode."""
+
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 0.01  # the new linear classifier
+    block_lr: PositiveFloat = 1e-4  # the copied last block (Adam: ~lr-sized steps, so small)
+    weight_decay: NonNegFloat = 1e-3  # the new classifier only
+
+
 class FewshotConfig(_Section):
     ways: list[PositiveInt] = Field(default_factory=lambda: [5])
     shots: list[PositiveInt] = Field(default_factory=lambda: [1, 5])
@@ -202,6 +212,7 @@ class FewshotConfig(_Section):
     feature_norm: Literal["none", "l2", "center", "center_l2"] = "l2"
     distance: Literal["euclidean", "cosine"] = "euclidean"
     knn_k: PositiveInt = 20
+    finetune: FewshotFinetuneConfig = FewshotFinetuneConfig()
 
 
 class Params(_Section):

@@ -1,4 +1,5 @@
-"""Few-shot evaluation of frozen encoders: episode sampling, heads, batched evaluation."""
+"""Few-shot evaluation of frozen encoders: episode sampling, heads, batched evaluation, and the
+optional head that fine-tunes the encoder's last block."""
 
 from lowlabel.fewshot.evaluate import (
     FewShotResult,
@@ -6,6 +7,12 @@ from lowlabel.fewshot.evaluate import (
     confidence_interval95,
     evaluate_episodes,
     normalize_features,
+)
+from lowlabel.fewshot.finetune import (
+    EncoderSplitError,
+    FineTuneLastBlock,
+    LastBlockSplit,
+    split_last_block,
 )
 from lowlabel.fewshot.heads import (
     HEADS,
@@ -22,10 +29,13 @@ __all__ = [
     "HEADS",
     "KNN",
     "CosineClassifier",
+    "EncoderSplitError",
     "Episode",
     "EpisodeError",
     "FewShotClassifier",
     "FewShotResult",
+    "FineTuneLastBlock",
+    "LastBlockSplit",
     "LinearProbe",
     "NormalizeMode",
     "ProtoNet",
@@ -34,4 +44,5 @@ __all__ = [
     "evaluate_episodes",
     "normalize_features",
     "sample_episodes",
+    "split_last_block",
 ]

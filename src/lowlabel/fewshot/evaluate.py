@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowlabel.fewshot.heads import build_head
+from lowlabel.fewshot.heads import FewShotClassifier, build_head
 from lowlabel.fewshot.sampler import Episode
 
 __all__ = [
@@ -120,6 +120,7 @@ def evaluate_episodes(
     head_name: str,
     head_kwargs: dict[str, Any] | None = None,
     batch_size: int = 100,
+    classifier: FewShotClassifier | None = None,
 ) -> FewShotResult:
     """Run every episode with one head on cached (N, D) features; accuracy and 95% CI.
 
@@ -127,13 +128,20 @@ def evaluate_episodes(
     head's batched path on the features' device. ``labels`` are the original labels of the
     feature rows; they are checked against each episode's ``classes``, so an episode list
     sampled from a different label array is caught instead of scored.
+
+    ``classifier``: a head built by the caller (the finetune head needs the encoder, so it is
+    not in ``HEADS``), reported as ``head_name``; its inputs may be (N, ...) rows such as the
+    last block's cached inputs. ``head_kwargs`` must then be None.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if classifier is not None and head_kwargs:
+        raise ValueError("pass head_kwargs or a built classifier, not both")
     n_way, k_shot, n_query = _episode_shape(episodes)
     feats = _as_float_tensor(features)
     labels = np.asarray(labels)
-    if feats.dim() != 2 or labels.shape != (feats.shape[0],):
+    rows_ok = feats.dim() == 2 or (classifier is not None and feats.dim() > 2)
+    if not rows_ok or labels.shape != (feats.shape[0],):
         raise ValueError(
             f"features must be (N, D) and labels (N,); got {tuple(feats.shape)}, {labels.shape}"
         )
@@ -152,7 +160,7 @@ def evaluate_episodes(
             "episode indices do not match `labels`; were they sampled from other labels?"
         )
 
-    head = build_head(head_name, **(head_kwargs or {}))
+    head = classifier if classifier is not None else build_head(head_name, **(head_kwargs or {}))
     device = feats.device
     support_y_t = torch.as_tensor(support_y, device=device)
     query_y_t = torch.as_tensor(query_y, device=device)

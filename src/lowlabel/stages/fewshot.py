@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable, Sequence
 
 import mlflow
 import numpy as np
@@ -22,7 +24,16 @@ from lowlabel.config import Params
 from lowlabel.data.augment import eval_view
 from lowlabel.data.prepared import PreparedData
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
-from lowlabel.fewshot import Episode, evaluate_episodes, normalize_features, sample_episodes
+from lowlabel.fewshot import (
+    Episode,
+    FewShotResult,
+    FineTuneLastBlock,
+    LastBlockSplit,
+    evaluate_episodes,
+    normalize_features,
+    sample_episodes,
+    split_last_block,
+)
 from lowlabel.models.encoders import build_encoder
 from lowlabel.models.store import ENCODER_FILE, load_encoder
 from lowlabel.runner.worker import seed_everything
@@ -34,6 +45,7 @@ log = logging.getLogger("lowlabel.fewshot")
 # Final numbers: every base training image is in the kNN bank (the monitor uses a subset).
 KNN_BANK_SIZE = None
 RANDOM = "random"
+FINETUNE = "finetune"  # the head that needs the encoder's last block, not the embeddings
 
 
 def encoder_paths(params: Params) -> dict[str, Path | None]:
@@ -85,29 +97,87 @@ def head_kwargs(params: Params, head: str) -> dict:
         return {"distance": params.fewshot.distance}
     if head == "knn":
         return {"k": 1}
+    if head == FINETUNE:
+        # The tuned block's output moves, so only the l2 part of feature_norm applies to it.
+        return {**params.fewshot.finetune.model_dump(), "l2_normalize": params.fewshot.feature_norm in ("l2", "center_l2"), "seed": params.seed}
     return {"seed": params.seed}
 
 
-def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedData, plans: dict, novel_labels: np.ndarray) -> dict:
-    view = eval_view(data.mean, data.std)
+Embedder = Callable[[np.ndarray, Sequence[int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NovelPool:
+    """One encoder's view of the few-shot pool, computed once and shared by every head and episode.
+
+    Rows are in :func:`novel_pool_labels` order. ``embeddings`` are normalised by
+    ``fewshot.feature_norm``; ``block_inputs`` (the frozen trunk's output, the finetune head's
+    cache) and ``split`` exist only when that head is asked for.
+    """
+
+    embeddings: torch.Tensor
+    block_inputs: torch.Tensor | None = None
+    split: LastBlockSplit | None = None
+
+
+def _on_device(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = encoder.to(device, memory_format=torch.channels_last)
-    features = partial(extract_features, encoder, view=view, device=device, channels_last=True)
-    novel = features(data.test_images, data.split.test_novel)
+    return encoder.to(device, memory_format=torch.channels_last), device
+
+
+def _embedder(encoder: torch.nn.Module, data: PreparedData, device: str) -> Embedder:
+    return partial(extract_features, encoder, view=eval_view(data.mean, data.std), device=device, channels_last=True)
+
+
+def _embed_pool(embed: Embedder, data: PreparedData) -> torch.Tensor:
+    novel = embed(data.test_images, data.split.test_novel)
     if data.split.train_novel:  # data.novel_pool: all
-        novel = torch.cat([novel, features(data.train_images, data.split.train_novel)])
+        novel = torch.cat([novel, embed(data.train_images, data.split.train_novel)])
+    return novel
+
+
+def embed_novel_pool(params: Params, encoder: torch.nn.Module, data: PreparedData, heads: Sequence[str] | None = None) -> NovelPool:
+    """Embed the novel pool once for ``heads`` (default ``fewshot.heads``); also the last block's inputs if finetune is among them."""
+    encoder, device = _on_device(encoder)
+    embeddings = normalize_features(_embed_pool(_embedder(encoder, data, device), data), params.fewshot.feature_norm)
+    if FINETUNE not in (params.fewshot.heads if heads is None else heads):
+        return NovelPool(embeddings)
+    view = eval_view(data.mean, data.std)
+    example = torch.stack([view(np.asarray(data.test_images[i]), 0) for i in data.split.test_novel[:4]])
+    split = split_last_block(encoder, example.to(device).contiguous(memory_format=torch.channels_last), params.encoder.arch)
+    # extract_features returns CPU tensors; the block is tuned where the encoder ran (GPU if any).
+    block_inputs = _embed_pool(_embedder(split.trunk, data, device), data).to(device)
+    return NovelPool(embeddings, block_inputs, split)
+
+
+def base_knn_accuracy(params: Params, encoder: torch.nn.Module, data: PreparedData) -> float:
+    """Weighted kNN on the base classes: every base training image as the bank, base test images as queries."""
+    encoder, device = _on_device(encoder)
+    features = _embedder(encoder, data, device)
     bank_idx, test_idx = knn_split(data, KNN_BANK_SIZE, params.seed)
     bank = features(data.train_images, bank_idx)
     test = features(data.test_images, test_idx)
-    out: dict = {
-        "base_knn_acc": knn_accuracy(
-            bank, torch.from_numpy(data.train_labels[bank_idx]), test, torch.from_numpy(data.test_labels[test_idx]), k=params.fewshot.knn_k
-        )
-    }
-    features = normalize_features(novel, params.fewshot.feature_norm)
+    return knn_accuracy(
+        bank, torch.from_numpy(data.train_labels[bank_idx]), test, torch.from_numpy(data.test_labels[test_idx]), k=params.fewshot.knn_k
+    )
+
+
+def evaluate_head(params: Params, pool: NovelPool, novel_labels: np.ndarray, episodes: list[Episode], head: str) -> FewShotResult:
+    """One head on one setting's episodes, on the pool's cache (embeddings, or the last block's inputs for finetune)."""
+    if head != FINETUNE:
+        return evaluate_episodes(pool.embeddings, novel_labels, episodes, head, head_kwargs(params, head))
+    if pool.split is None or pool.block_inputs is None:
+        raise StageError("the finetune head needs the pool embedded with it: embed_novel_pool(..., heads=[..., 'finetune'])")
+    classifier = FineTuneLastBlock(pool.split, **head_kwargs(params, head))
+    return evaluate_episodes(pool.block_inputs, novel_labels, episodes, head, classifier=classifier)
+
+
+def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedData, plans: dict, novel_labels: np.ndarray) -> dict:
+    pool = embed_novel_pool(params, encoder, data)
+    out: dict = {"base_knn_acc": base_knn_accuracy(params, encoder, data)}
     for (n_way, k_shot), episodes in plans.items():
         for head in params.fewshot.heads:
-            result = evaluate_episodes(features, novel_labels, episodes, head, head_kwargs(params, head))
+            result = evaluate_head(params, pool, novel_labels, episodes, head)
             out[f"{head}/{setting_name(n_way, k_shot)}"] = {"acc": result.accuracy, "ci95": result.ci95}
     return out
 
