@@ -25,6 +25,9 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from lowlabel.presets import set_param  # noqa: E402
 
 
 def tree_pss(root: psutil.Process) -> int:
@@ -41,14 +44,6 @@ def tree_pss(root: psutil.Process) -> int:
         except psutil.Error:
             pass
     return total
-
-
-def set_param(params: dict, dotted: str, value: str) -> None:
-    keys = dotted.split(".")
-    node = params
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = yaml.safe_load(value)
 
 
 def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, float]], int]:

@@ -26,6 +26,15 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def set_param(raw: dict[str, Any], dotted_key: str, value: str) -> None:
+    """``raw[a][b] = yaml(value)`` for ``dotted_key`` 'a.b' (a command line's ``--set a.b=value``)."""
+    *parents, leaf = dotted_key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 

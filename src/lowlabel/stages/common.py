@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -39,12 +38,6 @@ class StageError(RuntimeError):
 
 # Problems with the user's input or setup: shown as one clear line, no traceback.
 USER_ERRORS = (ConfigError, StageError, DataSourceError, SplitError, PreparedDataError, ClusterError, ConnectionError)
-
-
-def params_hash(*sections: Any) -> str:
-    """Short stable hash of the params that define a run (names its Ray run dir, for resume)."""
-    blob = json.dumps([s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -6,44 +6,18 @@ import argparse
 
 from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData
-from lowlabel.methods.moco import default_queue_size
 from lowlabel.models.store import ENCODER_FILE, save_encoder
-from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, params_hash, publish_training_outputs, stage_main, tracked_run, train_in_ray
+from lowlabel.runner.jobs import pretrain_job
+from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, publish_training_outputs, stage_main, tracked_run, train_in_ray
 from lowlabel.train.pretrain import pretrain_loop
-
-# The per-epoch monitor uses a fixed 5k subset of the base training images as its bank,
-# to stay cheap; the fewshot stage reports kNN against all of them.
-KNN_BANK_SIZE = 5000
-
-
-def method_kwargs(params: Params, method: str, num_images: int) -> dict:
-    kwargs = getattr(params.pretrain, method).model_dump()
-    if method == "moco" and kwargs["queue_size"] is None:
-        kwargs["queue_size"] = default_queue_size(num_images, params.pretrain.batch_size)
-    return kwargs
 
 
 def pretrain(params: Params, method: str) -> dict:
-    cfg = params.pretrain
     data = PreparedData.load(PREPARED_DIR)
     out = MODELS_DIR / "pretrain" / method / ENCODER_FILE
     dvc_stage = f"pretrain@{method}"
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:
-        config = {
-            "label": dvc_stage,
-            "method": method,
-            "method_kwargs": method_kwargs(params, method, len(data.split.pretrain)),
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "max_steps_per_epoch": cfg.max_steps_per_epoch,
-            "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
-            "grad_clip": cfg.optim.grad_clip,
-            "crop_scale": list(cfg.crop_scale),
-            "eval_every": cfg.eval_every,
-            "knn_k": cfg.knn_k,
-            "knn_bank_size": KNN_BANK_SIZE,
-        }
-        name = f"pretrain-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+        config, name = pretrain_job(params, method, len(data.split.pretrain))
         state = train_in_ray(params, pretrain_loop, config, name)
         history = state["history"]
         last = history[-1]

@@ -13,12 +13,12 @@ from lowlabel.stages.common import (
     MODELS_DIR,
     PREPARED_DIR,
     StageError,
-    params_hash,
     publish_training_outputs,
     stage_main,
     tracked_run,
     train_in_ray,
 )
+from lowlabel.runner.jobs import semisup_job
 from lowlabel.tracking import TAG_INIT_RUN
 from lowlabel.train.semisup import semisup_loop
 
@@ -43,20 +43,7 @@ def semisup(params: Params, method: str) -> dict:
     with tracked_run(
         params, stage="semisup", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "semisup"), tags=tags
     ) as run:
-        config = {
-            "label": dvc_stage,
-            "method": method,
-            "init_encoder": init_path,
-            "steps": cfg.steps,
-            "eval_every": cfg.eval_every,
-            "batch_size": cfg.batch_size,
-            "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
-            "grad_clip": cfg.optim.grad_clip,
-            "ema_decay": cfg.ema_decay,
-            "method_kwargs": getattr(cfg, method).model_dump() if hasattr(cfg, method) else {},
-            "randaugment": cfg.randaugment.model_dump(),
-        }
-        name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+        config, name = semisup_job(params, method, init_path)
         state = train_in_ray(params, semisup_loop, config, name)
         history = state["history"]
         last = history[-1]

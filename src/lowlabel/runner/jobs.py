@@ -1,0 +1,85 @@
+"""Typed params -> the plain config dict a training loop receives, and the Ray run's name.
+
+Stages and benchmarks build their Ray Train jobs here, so a benchmark runs exactly the job a
+stage would (no MLflow needed: tracking keys are only added when a run is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from lowlabel.config import Params
+from lowlabel.methods.moco import default_queue_size
+
+# The per-epoch monitor uses a fixed 5k subset of the base training images as its bank,
+# to stay cheap; the fewshot stage reports kNN against all of them.
+KNN_BANK_SIZE = 5000
+
+
+def params_hash(*sections: Any) -> str:
+    """Short stable hash of the params that define a run (names its Ray run dir, for resume)."""
+    blob = json.dumps([s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def common_config(params: Params, data_dir: str | Path, tracking_uri: str | None = None, run_id: str | None = None) -> dict[str, Any]:
+    """Keys every training loop reads."""
+    rt = params.runtime
+    return {
+        "seed": params.seed,
+        "data_dir": str(Path(data_dir).resolve()),
+        "arch": params.encoder.arch,
+        "width": params.encoder.width,
+        "loader_workers": rt.loader_workers,
+        "cpus_per_worker": rt.cpus_per_worker,
+        "amp": rt.amp,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+    }
+
+
+def pretrain_job(params: Params, method: str, num_images: int) -> tuple[dict[str, Any], str]:
+    """(loop config without the common keys, Ray run name) of ``pretrain@<method>``."""
+    cfg = params.pretrain
+    kwargs = getattr(cfg, method).model_dump()
+    if method == "moco" and kwargs["queue_size"] is None:
+        kwargs["queue_size"] = default_queue_size(num_images, cfg.batch_size)
+    config = {
+        "label": f"pretrain@{method}",
+        "method": method,
+        "method_kwargs": kwargs,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "max_steps_per_epoch": cfg.max_steps_per_epoch,
+        "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
+        "grad_clip": cfg.optim.grad_clip,
+        "crop_scale": list(cfg.crop_scale),
+        "eval_every": cfg.eval_every,
+        "knn_k": cfg.knn_k,
+        "knn_bank_size": KNN_BANK_SIZE,
+    }
+    name = f"pretrain-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+    return config, name
+
+
+def semisup_job(params: Params, method: str, init_encoder: str | None) -> tuple[dict[str, Any], str]:
+    """(loop config without the common keys, Ray run name) of ``semisup@<method>``."""
+    cfg = params.semisup
+    config = {
+        "label": f"semisup@{method}",
+        "method": method,
+        "init_encoder": init_encoder,
+        "steps": cfg.steps,
+        "eval_every": cfg.eval_every,
+        "batch_size": cfg.batch_size,
+        "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
+        "grad_clip": cfg.optim.grad_clip,
+        "ema_decay": cfg.ema_decay,
+        "method_kwargs": getattr(cfg, method).model_dump() if hasattr(cfg, method) else {},
+        "randaugment": cfg.randaugment.model_dump(),
+    }
+    name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+    return config, name
