@@ -36,8 +36,9 @@ def main(argv: list[str]) -> int:
     if args[0] not in ("repro", "exp", "status", "metrics", "plots"):
         args = ["repro", *args]
     if not (root / ".git").exists():
-        # DVC needs a repository; the rsynced tree has none, so work without SCM.
-        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=False)
+        # The rsynced tree has .dvc but no .git: tell DVC to work without SCM (it refuses otherwise).
+        init = ["config", "--local", "core.no_scm", "true"] if (root / ".dvc").is_dir() else ["init", "--no-scm", "-q"]
+        subprocess.run(["dvc", *init], cwd=root, env=env, check=True)
     print(f"[submit] {root}: dvc {' '.join(args)} (RAY_ADDRESS={env['RAY_ADDRESS']}, MLflow {env['MLFLOW_TRACKING_URI']})", flush=True)
     return subprocess.run(["dvc", *args], cwd=root, env=env).returncode
 

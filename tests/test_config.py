@@ -65,6 +65,35 @@ def test_cross_section_checks():
     assert parse_params({"semisup": {"init": "random"}}).semisup.init == "random"
 
 
+def test_workers_auto_parses_and_defers_the_batch_checks():
+    # semisup.batch_size 6 fits no count in particular: checked once "auto" is resolved.
+    params = parse_params({"runtime": {"workers": "auto"}, "semisup": {"batch_size": 6}})
+    assert params.runtime.workers == "auto"
+    assert flatten(params)["runtime.workers"] == "auto"
+    assert parse_params({"runtime": {"workers": 3}, "pretrain": {"batch_size": 255}, "semisup": {"batch_size": 6}}).runtime.workers == 3
+
+
+@pytest.mark.parametrize("junk", ["two", 0, -1, 1.5, True, None, "Auto"])
+def test_workers_junk_is_rejected_naming_field_and_value(junk):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"runtime": {"workers": junk}}, source="params.yaml")
+    message = str(err.value)
+    assert "params.yaml" in message and "runtime.workers" in message
+    assert "positive integer or 'auto'" in message and f"(got {junk!r})" in message
+
+
+def test_resolved_workers_run_the_batch_checks():
+    params = parse_params({"runtime": {"workers": "auto"}, "pretrain": {"batch_size": 256}, "semisup": {"batch_size": 4}})
+    with pytest.raises(ConfigError, match=r"params.yaml: pretrain.batch_size \(256\) must be a multiple of runtime.workers \(auto -> 3\)"):
+        params.with_workers(3)
+    with pytest.raises(ConfigError, match=r"semisup.batch_size \(4\) is too small for runtime.workers \(auto -> 4\): .*2 samples per worker"):
+        params.with_workers(4)
+    resolved = params.with_workers(2)
+    assert resolved.runtime.workers == 2 and params.runtime.workers == "auto"
+    assert resolved.model_dump(exclude={"runtime"}) == params.model_dump(exclude={"runtime"})
+    assert flatten(resolved)["runtime.workers"] == 2
+
+
 def test_load_params_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such params file"):
         load_params(tmp_path / "missing.yaml")

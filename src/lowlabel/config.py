@@ -98,6 +98,13 @@ class RuntimeConfig(_Section):
     local_num_cpus: PositiveInt | None = None
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("must be a positive integer or 'auto' (one worker per GPU of the cluster, else per cpus_per_worker CPUs)")
+
 
 class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
@@ -231,18 +238,34 @@ class Params(_Section):
             raise ValueError(
                 f"semisup.init is {self.semisup.init!r}; allowed: 'random' or one of pretrain.methods {self.pretrain.methods}"
             )
-        workers = self.runtime.workers
-        for name, batch in (("pretrain.batch_size", self.pretrain.batch_size), ("semisup.batch_size", self.semisup.batch_size)):
-            if batch % workers:
-                raise ValueError(f"{name} ({batch}) must be a multiple of runtime.workers ({workers}): it is the global batch, split evenly")
-            if batch // workers < 2:
-                raise ValueError(f"{name} ({batch}) is too small for runtime.workers ({workers}): BatchNorm needs at least 2 samples per worker")
+        if self.runtime.workers != "auto":  # "auto": checked by with_workers once it is resolved
+            _check_batch_split(self, self.runtime.workers, str(self.runtime.workers))
+        # The global batch does not depend on the worker count, so this holds for "auto" too.
         queue = self.pretrain.moco.queue_size
         if "moco" in self.pretrain.methods and queue is not None and queue % self.pretrain.batch_size:
             raise ValueError(
                 f"pretrain.moco.queue_size ({queue}) must be a multiple of the global batch pretrain.batch_size ({self.pretrain.batch_size})"
             )
         return self
+
+    def with_workers(self, workers: int, source: str = "params.yaml") -> "Params":
+        """These params with ``runtime.workers`` set to a resolved count (``auto`` at launch
+        time), after the checks that need the count; :class:`ConfigError` when it does not fit."""
+        shown = f"auto -> {workers}" if self.runtime.workers == "auto" else str(workers)
+        try:
+            _check_batch_split(self, workers, shown)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}") from None
+        return self.model_copy(update={"runtime": self.runtime.model_copy(update={"workers": workers})})
+
+
+def _check_batch_split(params: Params, workers: int, shown: str) -> None:
+    """Each global batch splits evenly over ``workers``, with >= 2 samples per worker."""
+    for name, batch in (("pretrain.batch_size", params.pretrain.batch_size), ("semisup.batch_size", params.semisup.batch_size)):
+        if batch % workers:
+            raise ValueError(f"{name} ({batch}) must be a multiple of runtime.workers ({shown}): it is the global batch, split evenly")
+        if batch // workers < 2:
+            raise ValueError(f"{name} ({batch}) is too small for runtime.workers ({shown}): BatchNorm needs at least 2 samples per worker")
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

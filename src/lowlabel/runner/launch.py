@@ -82,6 +82,27 @@ def resolve_use_gpu(use_gpu: str | bool) -> bool:
     return bool(use_gpu)
 
 
+def resolve_workers(workers: int | str, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> int:
+    """``runtime.workers`` as a count; ``"auto"`` asks the cluster (Ray must be up).
+
+    auto: one worker per GPU when training on GPU (``use_gpu`` already resolved), else
+    floor(CPUs / cpus_per_worker); never more than the CPUs can hold, at least 1. It counts the
+    nodes that are up now (total, not idle, resources: the same answer while other jobs run),
+    so on an autoscaling cluster it sees only the nodes already started.
+    """
+    if workers != "auto":
+        return int(workers)
+    total = ray.cluster_resources()
+    by_cpu = int(total.get("CPU", 0) // cpus_per_worker)
+    count = min(int(total.get("GPU", 0) // gpus_per_worker), by_cpu) if use_gpu else by_cpu
+    count = max(1, count)
+    log.info(
+        "runtime.workers=auto -> %d (cluster: %g CPU, %g GPU; cpus_per_worker=%g, use_gpu=%s)",
+        count, total.get("CPU", 0), total.get("GPU", 0), cpus_per_worker, use_gpu,
+    )
+    return count
+
+
 def check_resources(workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
     """Fail fast when the cluster can never hold the requested workers."""
     total = ray.cluster_resources()
@@ -131,15 +152,19 @@ def run_training_job(
     config: dict[str, Any],
     *,
     name: str,
-    workers: int,
+    workers: int | str,
     use_gpu: str | bool,
     cpus_per_worker: float,
     storage_path: str,
     max_failures: int = 0,
     ray_address: str | None = None,
     local_num_cpus: int | None = None,
+    gpus_per_worker: float = 1.0,
 ) -> ray.train.Result:
     """Run ``train_loop(config)`` on ``workers`` Ray Train workers; returns the Result.
+
+    ``workers="auto"`` is resolved here (:func:`resolve_workers`); stages resolve it before
+    (lowlabel.stages.common.resolve_auto_workers) to check it against their batch sizes.
 
     The run directory ``storage_path/name`` holds the checkpoints; a re-run under the same
     name resumes from its latest complete one (the loop reads ``ray.train.get_checkpoint()``),
@@ -147,11 +172,13 @@ def run_training_job(
     """
     ensure_ray(cluster_address(ray_address), local_num_cpus)
     gpu = resolve_use_gpu(use_gpu)
+    workers = resolve_workers(workers, cpus_per_worker, gpu, gpus_per_worker)
     check_resources(workers, cpus_per_worker, gpu)
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
     check_storage(storage_path)
-    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})
+    # A fraction < 1 lets several small jobs share one GPU (benchmark grids); stages use 1.
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpu else {})
     # Ray Train V2 neither resumes a re-run by itself nor keeps `resume_from_checkpoint`
     # (deprecated): the loop gets the folder through its config and loads it when Ray has
     # no newer checkpoint of this job (ray.train.get_checkpoint() after a worker restart).

@@ -63,6 +63,9 @@ def tracked_run(params: Params, *, stage: str, method: str, dvc_stage: str, sect
     for section in sections:
         value = getattr(params, section)
         flat |= flatten(value, prefix=f"{section}.") if hasattr(value, "model_dump") else {section: value}
+    if flat.get("runtime.workers") == "auto":
+        # MLflow params cannot change: train_in_ray logs the resolved count under this name.
+        flat["runtime.workers_setting"] = flat.pop("runtime.workers")
     return stage_run(
         tracking_uri=resolve_tracking_uri(params.tracking.uri, root),
         artifact_root=params.tracking.artifact_root,
@@ -95,6 +98,23 @@ def stage_main(description: str, run: Callable[[Params, argparse.Namespace], Non
         sys.exit(2)
 
 
+def resolve_auto_workers(params: Params, name: str) -> tuple[Params, str]:
+    """``runtime.workers: auto`` -> the cluster's count (Ray comes up here), checked against the
+    batch sizes before any worker starts, logged, and recorded where a fixed count would be:
+    the MLflow param ``runtime.workers`` and the Ray run name (resume never mixes counts)."""
+    import mlflow
+
+    from lowlabel.runner.launch import cluster_address, ensure_ray, resolve_use_gpu, resolve_workers
+
+    rt = params.runtime
+    ensure_ray(cluster_address(rt.ray_address), rt.local_num_cpus)
+    workers = resolve_workers("auto", rt.cpus_per_worker, resolve_use_gpu(rt.use_gpu))
+    params = params.with_workers(workers)
+    if mlflow.active_run() is not None:
+        mlflow.log_param("runtime.workers", workers)
+    return params, f"{name}-w{workers}"
+
+
 def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config: dict[str, Any], name: str) -> dict[str, Any]:
     """Run ``loop`` as a Ray Train job and return the state of its final checkpoint.
 
@@ -106,6 +126,8 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     from lowlabel.runner.launch import remove_run, run_training_job
     from lowlabel.runner.worker import STATE_FILE
 
+    if params.runtime.workers == "auto":
+        params, name = resolve_auto_workers(params, name)
     rt = params.runtime
     run = mlflow.active_run()
     config = {
