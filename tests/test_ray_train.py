@@ -120,6 +120,37 @@ def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, 
     assert sorted(m.step for m in client.get_metric_history(run_id, "test_acc_ema")) == [3, 6]
 
 
+def test_semisup_killed_worker_resumes_with_the_same_ema_weights(ray_local, tiny_prepared, tmp_path):
+    """A FixMatch job whose worker dies mid-chunk restarts from the last checkpoint and ends with
+    the uninterrupted run's EMA teacher (the loop is seeded per chunk, the EMA state is saved)."""
+    config = common(tiny_prepared, None, None) | {
+        "label": "test-fixmatch-resume",
+        "method": "fixmatch",
+        "init_encoder": None,
+        "steps": 6,
+        "eval_every": 3,
+        "batch_size": 4,
+        "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
+        "ema_decay": 0.9,
+        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
+        "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
+    }
+    clean = final_state(run_training_job(
+        semisup_loop, config, name="ema-clean", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
+    ))
+    marker = tmp_path / "killed"
+    faulty = config | {"fault_injection": {"epoch": 2, "step": 1, "rank": 1, "marker": str(marker), "delay_s": 5.0}}
+    restarted = final_state(run_training_job(
+        semisup_loop, faulty, name="ema-faulty", workers=2, use_gpu=False, cpus_per_worker=1,
+        storage_path=str(tmp_path / "ray"), max_failures=1,
+    ))
+    assert marker.exists(), "the fault was never injected"
+    assert [h["step"] for h in restarted["history"]] == [3, 6]
+    for name, tensor in clean["ema"].items():
+        assert torch.allclose(tensor.float(), restarted["ema"][name].float(), atol=1e-5), name
+    assert restarted["history"][-1]["test_acc_ema"] == pytest.approx(clean["history"][-1]["test_acc_ema"], abs=1e-9)
+
+
 def test_impossible_worker_count_fails_fast(ray_local):
     with pytest.raises(ClusterError, match=r"runtime.workers=64 .* asked 64, cluster has 2"):
         check_resources(64, 1, use_gpu=False)

@@ -27,7 +27,7 @@ from lowlabel.evaluation import extract_features
 from lowlabel.methods import SEMISUP_STEPS
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier
-from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, print_main, report, setup_worker
+from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
 from lowlabel.train.optim import build_optimizer
 
 USES_UNLABELED = {"fixmatch", "uda"}
@@ -111,6 +111,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
         sums: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         for i, batches in enumerate(zip(*loaders)):
+            maybe_inject_fault(config, ctx, chunk + 1, i)  # test hook; chunks play the role of epochs
             x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
             kwargs: dict[str, Any] = {**config["method_kwargs"], "step": first + i, "total_steps": steps}
             if unlabeled_ds is not None:
