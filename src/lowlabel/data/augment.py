@@ -17,6 +17,10 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+# OpenCV's own thread pool (one thread per core by default) buys nothing on 28-96 px images and,
+# in every DataLoader worker at once, oversubscribes the cores; parallelism comes from workers.
+cv2.setNumThreads(1)
+
 
 class View:
     """A seeded albumentations pipeline: ``view(image, seed) -> tensor``."""
