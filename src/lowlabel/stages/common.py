@@ -123,6 +123,7 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     import mlflow
     import torch
 
+    from lowlabel.runner.jobs import common_config
     from lowlabel.runner.launch import remove_run, run_training_job
     from lowlabel.runner.worker import STATE_FILE
 
@@ -130,18 +131,7 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
         params, name = resolve_auto_workers(params, name)
     rt = params.runtime
     run = mlflow.active_run()
-    config = {
-        **config,
-        "seed": params.seed,
-        "data_dir": str(PREPARED_DIR.resolve()),
-        "arch": params.encoder.arch,
-        "width": params.encoder.width,
-        "loader_workers": rt.loader_workers,
-        "cpus_per_worker": rt.cpus_per_worker,
-        "amp": rt.amp,
-        "tracking_uri": mlflow.get_tracking_uri(),
-        "run_id": run.info.run_id if run else None,
-    }
+    config = {**config, **common_config(params, PREPARED_DIR, mlflow.get_tracking_uri(), run.info.run_id if run else None)}
     result = run_training_job(
         loop,
         config,
