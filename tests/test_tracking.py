@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +95,27 @@ def test_stage_with_bad_params_fails_before_any_run(tmp_path):
     assert proc.returncode == 2
     assert "params.yaml" in proc.stderr and "data.labels_per_class" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_stage_stops_on_a_non_finite_loss_and_marks_the_run_failed(tmp_path, tiny_prepared):
+    """A diverging run (absurd learning rate) stops with the epoch and step, leaves no encoder,
+    ends its MLflow run FAILED and keeps its Ray run folder (the checkpoints a resume would use)."""
+    shutil.copytree(tiny_prepared, tmp_path / "data" / "prepared")
+    params = {
+        "encoder": {"width": 8},
+        "runtime": {"workers": 1, "storage_path": str(tmp_path / "ray")},
+        "pretrain": {"methods": ["simclr"], "epochs": 2, "batch_size": 32, "eval_every": 5,
+                     "optim": {"optimizer": "sgd", "lr": 1.0e30, "momentum": 0.0, "warmup_fraction": 0.0}},
+        "semisup": {"init": "random"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "lowlabel.stages.pretrain", "--method", "simclr"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(r"error: .*loss is (nan|inf|-inf) at epoch 1 step \d+", proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "models" / "pretrain" / "simclr" / "encoder.pt").exists()
+    assert only_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "lowlabel").info.status == "FAILED"
+    assert [p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith("pretrain-simclr-")], "the Ray run folder was removed"

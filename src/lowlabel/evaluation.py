@@ -1,4 +1,4 @@
-"""Frozen-encoder evaluation on held-out images: feature extraction and weighted kNN."""
+"""Frozen-encoder evaluation on held-out images: feature extraction, weighted kNN and the linear probe."""
 
 from __future__ import annotations
 
@@ -61,3 +61,39 @@ def knn_split(data: PreparedData, bank_size: int | None, seed: int) -> tuple[np.
     rng = np.random.default_rng(seed)
     bank = np.sort(rng.permutation(np.asarray(data.split.pretrain))[:bank_size])
     return bank, np.asarray(data.split.test_base)
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+) -> float:
+    """Linear-probe accuracy: multinomial logistic regression on frozen features.
+
+    Features are standardised with the training set's statistics; the classifier is fitted
+    full-batch with L-BFGS (deterministic, no learning rate to tune) and an L2 penalty
+    ``weight_decay * ||W||^2``. Labels may be any integers (mapped to 0..C-1).
+    """
+    classes, train_y = torch.unique(train_labels, return_inverse=True)
+    x = train_features.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], len(classes), dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, train_y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predicted = classes[(((test_features.double() - mean) / std) @ weight + bias).argmax(1)]
+    return float((predicted == test_labels).double().mean())

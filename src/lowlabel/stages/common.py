@@ -7,8 +7,10 @@ import csv
 import io
 import json
 import logging
+import re
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -115,6 +117,13 @@ def resolve_auto_workers(params: Params, name: str) -> tuple[Params, str]:
     return params, f"{name}-w{workers}"
 
 
+def _diverged(error: BaseException, name: str) -> StageError | None:
+    """A diverged run is the user's to fix (learning rate, clipping): one clear line instead of a
+    Ray traceback. Its run folder stays, so a re-run resumes from the last good checkpoint."""
+    found = re.search(r"NonFiniteLossError: (.+)", "".join(traceback.format_exception(error)))
+    return StageError(f"{name}: {found.group(1)}") if found else None
+
+
 def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config: dict[str, Any], name: str) -> dict[str, Any]:
     """Run ``loop`` as a Ray Train job and return the state of its final checkpoint.
 
@@ -132,20 +141,23 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     rt = params.runtime
     run = mlflow.active_run()
     config = {**config, **common_config(params, PREPARED_DIR, mlflow.get_tracking_uri(), run.info.run_id if run else None)}
-    result = run_training_job(
-        loop,
-        config,
-        name=name,
-        workers=rt.workers,
-        use_gpu=rt.use_gpu,
-        cpus_per_worker=rt.cpus_per_worker,
-        storage_path=rt.storage_path,
-        max_failures=rt.max_failures,
-        ray_address=rt.ray_address,
-        local_num_cpus=rt.local_num_cpus,
-    )
+    try:
+        result = run_training_job(
+            loop,
+            config,
+            name=name,
+            workers=rt.workers,
+            use_gpu=rt.use_gpu,
+            cpus_per_worker=rt.cpus_per_worker,
+            storage_path=rt.storage_path,
+            max_failures=rt.max_failures,
+            ray_address=rt.ray_address,
+            local_num_cpus=rt.local_num_cpus,
+        )
+    except Exception as error:  # Ray Train V2 raises the workers' errors from fit()
+        raise _diverged(error, name) or error
     if result.error is not None:
-        raise result.error
+        raise _diverged(result.error, name) or result.error
     if result.checkpoint is None:
         raise StageError(f"Ray run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
