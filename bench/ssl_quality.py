@@ -1,0 +1,117 @@
+"""Pretraining quality: kNN and linear-probe accuracy of each encoder on the base classes, against
+random init (the floor) and a supervised encoder trained on every base label (the ceiling).
+
+    python bench/ssl_quality.py WORKDIR [--ceiling-steps 1000] [--no-ceiling] [--out FILE.json]
+
+WORKDIR is a folder where the pipeline ran (bench/pipeline_e2e.py --workdir leaves one): its
+params.yaml, data/prepared and models/**/encoder.pt. Every encoder is frozen; features of all
+base training images (bank / probe training set) and base test images (queries) are computed
+once. kNN: weighted, k = fewshot.knn_k, the whole training set as the bank (the stage's final
+number, not the pretraining monitor's 5k subset). Linear probe: L2-penalised multinomial
+logistic regression, full-batch L-BFGS (lowlabel.evaluation.linear_probe_accuracy).
+
+The ceiling is the supervised-only semisup job (same encoder, optimiser and augmentation as the
+stage) on a copy of the split where every base training image is labeled, for
+--ceiling-steps steps, run as a Ray Train job like the stage's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from lowlabel.env import configure_quiet_env  # noqa: E402
+
+configure_quiet_env()
+
+from lowlabel.config import load_params  # noqa: E402
+from lowlabel.data.augment import eval_view  # noqa: E402
+from lowlabel.data.prepared import PreparedData, write_prepared  # noqa: E402
+from lowlabel.evaluation import extract_features, knn_accuracy, knn_split, linear_probe_accuracy  # noqa: E402
+from lowlabel.models.store import load_encoder  # noqa: E402
+from lowlabel.runner.jobs import common_config, semisup_job  # noqa: E402
+from lowlabel.runner.launch import remove_run, run_training_job  # noqa: E402
+from lowlabel.runner.worker import STATE_FILE  # noqa: E402
+from lowlabel.stages.fewshot import random_encoder  # noqa: E402
+from lowlabel.train.semisup import semisup_loop  # noqa: E402
+
+
+def train_ceiling(params, data: PreparedData, steps: int, workdir: Path) -> dict:
+    """Supervised-only on every base training image's label; returns the encoder's state dict."""
+    everything = dataclasses.replace(data.split, labeled=list(data.split.pretrain), unlabeled=[])
+    prepared = workdir / "prepared-all-labels"
+    write_prepared(prepared, data.train_images, data.train_labels, data.test_images, data.test_labels, everything, data.info)
+    raw = params.model_dump(mode="json")
+    raw["semisup"] |= {"steps": steps, "eval_every": steps, "init": "random"}
+    ceiling_params = type(params).model_validate(raw)
+    config, name = semisup_job(ceiling_params, "supervised", None)
+    rt = params.runtime
+    result = run_training_job(
+        semisup_loop, {**common_config(ceiling_params, prepared), **config}, name=f"{name}-ceiling", workers=rt.workers,
+        use_gpu=rt.use_gpu, cpus_per_worker=rt.cpus_per_worker, storage_path=str(workdir / "ray"),
+        ray_address=rt.ray_address, local_num_cpus=rt.local_num_cpus,
+    )
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    remove_run(str(workdir / "ray"), f"{name}-ceiling")
+    return {k.removeprefix("encoder."): v for k, v in state["ema"].items() if k.startswith("encoder.")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--ceiling-steps", type=int, default=1000)
+    parser.add_argument("--no-ceiling", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    params = load_params(args.workdir / "params.yaml")
+    data = PreparedData.load(args.workdir / "data" / "prepared")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    encoders: dict[str, torch.nn.Module] = {"random init": random_encoder(params, data.in_chans)}
+    for path in sorted((args.workdir / "models").glob("*/*/encoder.pt")):
+        encoders[f"{path.parent.parent.name}/{path.parent.name}"] = load_encoder(path)[0]
+    if not args.no_ceiling:
+        started = time.perf_counter()
+        ceiling = random_encoder(params, data.in_chans)
+        ceiling.load_state_dict(train_ceiling(params, data, args.ceiling_steps, Path(tempfile.mkdtemp(prefix="lowlabel-ceiling-"))))
+        encoders[f"ceiling: supervised, all {len(data.split.pretrain)} base labels"] = ceiling.eval()
+        print(f"ceiling trained for {args.ceiling_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+
+    view = eval_view(data.mean, data.std)
+    bank_idx, test_idx = knn_split(data, None, params.seed)
+    train_y, test_y = torch.from_numpy(data.train_labels[bank_idx]), torch.from_numpy(data.test_labels[test_idx])
+    rows = []
+    for name, encoder in encoders.items():
+        started = time.perf_counter()
+        encoder = encoder.to(device, memory_format=torch.channels_last)
+        train_x = extract_features(encoder, data.train_images, bank_idx, view, device=device, channels_last=True)
+        test_x = extract_features(encoder, data.test_images, test_idx, view, device=device, channels_last=True)
+        knn = knn_accuracy(train_x, train_y, test_x, test_y, k=params.fewshot.knn_k)
+        probe = linear_probe_accuracy(train_x, train_y, test_x, test_y)
+        rows.append({"encoder": name, "knn": knn, "linear_probe": probe, "seconds": time.perf_counter() - started})
+        print(f"{name}: kNN {knn:.4f} linear {probe:.4f}", flush=True)
+
+    print(f"\n{params.data.source}, {params.encoder.arch}: base classes, {len(bank_idx)} train / {len(test_idx)} test images, "
+          f"pretrain {params.pretrain.epochs} epochs")
+    print(f"{'encoder':<48}{'kNN-' + str(params.fewshot.knn_k):>10}{'linear':>10}")
+    for row in rows:
+        print(f"{row['encoder']:<48}{row['knn'] * 100:>10.1f}{row['linear_probe'] * 100:>10.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"workdir": str(args.workdir), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
