@@ -1,6 +1,6 @@
 """Pretraining throughput: a full training step vs the bare forward+backward, same batch, same process.
 
-    .venv/bin/python bench/ssl_throughput.py [--method simclr|moco] [--batch 256] [--steps 20] [--threads 1] [--loader-workers 0]
+    .venv/bin/python bench/ssl_throughput.py [--method simclr|moco] [--batch 256] [--steps 60] [--threads 1] [--loader-workers 0]
 
 "full" = DataLoader (memory-mapped uint8 images, two albumentations views per image) +
 forward + backward + optimiser step; "bare" = the same step on view tensors already in memory.
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--method", default="simclr", choices=sorted(PRETRAIN_METHODS))
     parser.add_argument("--arch", default="conv4")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loader-workers", type=int, default=0)
     parser.add_argument("--channels-last", type=int, default=1)
@@ -74,7 +74,11 @@ def main() -> None:
         opt.step()
         method.on_train_step_end(1, 1000)
 
-    batches = iter(loader)
+    def endless():  # as many batches as asked for, epoch after epoch
+        while True:
+            yield from loader
+
+    batches = endless()
     fixed = next(batches)[:2]
     for _ in range(3):  # warm-up (allocator, oneDNN kernels)
         step(fixed)
