@@ -48,7 +48,7 @@ from lowlabel.models.heads import Classifier  # noqa: E402
 from lowlabel.presets import PRESETS_DIR, merge, set_param  # noqa: E402
 from lowlabel.runner.jobs import common_config, pretrain_job, semisup_job  # noqa: E402
 from lowlabel.runner.launch import run_training_job  # noqa: E402
-from lowlabel.runner.worker import setup_worker  # noqa: E402
+from lowlabel.runner.worker import read_state, setup_worker  # noqa: E402
 from lowlabel.train.optim import build_optimizer  # noqa: E402
 from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
 from lowlabel.train.semisup import semisup_loop  # noqa: E402
@@ -216,8 +216,7 @@ def main() -> None:
         started = time.perf_counter()
         result = job(loop, config, name)
         wall = time.perf_counter() - started
-        with result.checkpoint.as_directory() as directory:
-            history = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)["history"]
+        history = read_state(result.checkpoint)["history"]
         full = mean_after_first(history)
         bare = bare_images_per_s(params, method, data, amp_dtype if gpu else None, device)
         last = history[-1]

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -33,7 +32,7 @@ from lowlabel.data.prepared import PreparedData  # noqa: E402
 from lowlabel.presets import set_param  # noqa: E402
 from lowlabel.runner.jobs import common_config, pretrain_job  # noqa: E402
 from lowlabel.runner.launch import run_training_job  # noqa: E402
-from lowlabel.runner.worker import STATE_FILE  # noqa: E402
+from lowlabel.runner.worker import read_state  # noqa: E402
 from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
 
 
@@ -71,8 +70,7 @@ def main() -> None:
             )
             if result.error is not None:
                 raise result.error
-            with result.checkpoint.as_directory() as directory:
-                history = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)["history"]
+            history = read_state(result.checkpoint)["history"]
             rates[workers] = float(np.mean([h["images_per_s"] for h in history if "images_per_s" in h][1:]))
             print(f"{workers} worker(s): {rates[workers]:.0f} img/s", flush=True)
     finally:

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,9 +46,8 @@ from lowlabel.data.sources import load_source  # noqa: E402
 from lowlabel.data.splits import make_split  # noqa: E402
 from lowlabel.models.store import save_encoder  # noqa: E402
 from lowlabel.presets import set_param  # noqa: E402
-from lowlabel.runner.jobs import common_config, pretrain_job, semisup_job  # noqa: E402
-from lowlabel.runner.launch import cluster_address, ensure_ray, remove_run, run_training_job  # noqa: E402
-from lowlabel.runner.worker import STATE_FILE  # noqa: E402
+from lowlabel.runner.jobs import common_config, pretrain_job, run_job, semisup_job  # noqa: E402
+from lowlabel.runner.launch import cluster_address, ensure_ray, remove_run  # noqa: E402
 from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
 from lowlabel.train.semisup import semisup_loop  # noqa: E402
 
@@ -87,17 +85,9 @@ def prepare(arrays: dict[str, np.ndarray], out: Path, labels_per_class: int, see
     return out
 
 
-def run_job(params: Params, loop, config: dict, name: str, data_dir: Path, storage: Path, gpus_per_worker: float = 1.0) -> dict:
-    rt = params.runtime
-    result = run_training_job(
-        loop, {**common_config(params, data_dir), **config}, name=name, workers=rt.workers, use_gpu=rt.use_gpu,
-        cpus_per_worker=rt.cpus_per_worker, storage_path=str(storage), ray_address=rt.ray_address, local_num_cpus=rt.local_num_cpus,
-        gpus_per_worker=gpus_per_worker,
-    )
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+def train(params: Params, loop, config: dict, name: str, data_dir: Path, storage: Path, gpus_per_worker: float = 1.0) -> dict:
+    """The stage's job on this bench's data; its folder is dropped once the final state is read."""
+    state = run_job(params, loop, {**common_config(params, data_dir), **config}, name, storage_path=str(storage), gpus_per_worker=gpus_per_worker)
     remove_run(str(storage), name)
     return state
 
@@ -159,7 +149,7 @@ def main() -> None:
         p = with_updates(params, pretrain={"epochs": args.pretrain_epochs, "eval_every": args.pretrain_epochs})
         config, name = pretrain_job(p, init, len(arrays["train_labels"]))
         started = time.perf_counter()
-        state = run_job(p, pretrain_loop, config, name, data0, storage)
+        state = train(p, pretrain_loop, config, name, data0, storage)
         save_encoder(path, state["encoder"], arch=p.encoder.arch, width=p.encoder.width, in_chans=arrays["train_images"].shape[-1], source=f"bench pretrain {init}")
         encoders[init] = str(path.resolve())
         knn = [h["knn_acc"] for h in state["history"] if "knn_acc" in h]
@@ -180,7 +170,7 @@ def main() -> None:
         p = p.model_copy(update={"seed": seed})
         config, name = semisup_job(p, method, encoders[init])
         started = time.perf_counter()
-        state = run_job(p, semisup_loop, config, f"{name}-{init}-L{n_labels}", data_dirs[n_labels, seed], storage, 1.0 / args.parallel)
+        state = train(p, semisup_loop, config, f"{name}-{init}-L{n_labels}", data_dirs[n_labels, seed], storage, 1.0 / args.parallel)
         last = state["history"][-1]
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
                "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started}

@@ -38,10 +38,9 @@ from lowlabel.config import load_params  # noqa: E402
 from lowlabel.data.augment import eval_view  # noqa: E402
 from lowlabel.data.prepared import PreparedData, write_prepared  # noqa: E402
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split, linear_probe_accuracy  # noqa: E402
+from lowlabel.models.heads import Classifier  # noqa: E402
 from lowlabel.models.store import load_encoder  # noqa: E402
-from lowlabel.runner.jobs import common_config, semisup_job  # noqa: E402
-from lowlabel.runner.launch import remove_run, run_training_job  # noqa: E402
-from lowlabel.runner.worker import STATE_FILE  # noqa: E402
+from lowlabel.runner.jobs import common_config, run_job, semisup_job  # noqa: E402
 from lowlabel.stages.fewshot import random_encoder  # noqa: E402
 from lowlabel.train.semisup import semisup_loop  # noqa: E402
 
@@ -55,18 +54,9 @@ def train_ceiling(params, data: PreparedData, steps: int, workdir: Path) -> dict
     raw["semisup"] |= {"steps": steps, "eval_every": steps, "init": "random"}
     ceiling_params = type(params).model_validate(raw)
     config, name = semisup_job(ceiling_params, "supervised", None)
-    rt = params.runtime
-    result = run_training_job(
-        semisup_loop, {**common_config(ceiling_params, prepared), **config}, name=f"{name}-ceiling", workers=rt.workers,
-        use_gpu=rt.use_gpu, cpus_per_worker=rt.cpus_per_worker, storage_path=str(workdir / "ray"),
-        ray_address=rt.ray_address, local_num_cpus=rt.local_num_cpus,
-    )
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    remove_run(str(workdir / "ray"), f"{name}-ceiling")
-    return {k.removeprefix("encoder."): v for k, v in state["ema"].items() if k.startswith("encoder.")}
+    state = run_job(ceiling_params, semisup_loop, {**common_config(ceiling_params, prepared), **config}, f"{name}-ceiling",
+                    storage_path=str(workdir / "ray"))
+    return Classifier.encoder_state(state["ema"])
 
 
 def main() -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from lowlabel.runner.launch import ClusterError, run_training_job
-from lowlabel.runner.worker import STATE_FILE
+from lowlabel.runner.worker import read_state
 from lowlabel.train.pretrain import pretrain_loop
 from test_ray_train import pretrain_config
 
@@ -43,8 +41,7 @@ def test_pretrain_spreads_over_two_nodes(two_nodes, tiny_prepared, tmp_path):
         storage_path=str(tmp_path / "ray"), ray_address=two_nodes.address,
     )
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+    state = read_state(result.checkpoint)
     assert [h["epoch"] for h in state["history"]] == [0, 1]
     assert {"loss", "knn_acc", "images_per_s"} <= set(state["history"][-1])
 

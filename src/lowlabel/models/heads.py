@@ -25,3 +25,8 @@ class Classifier(nn.Module):
 
     def forward(self, images):
         return self.fc(self.encoder(images))
+
+    @staticmethod
+    def encoder_state(state_dict: dict) -> dict:
+        """The encoder's entries of a Classifier state dict, keyed as the bare encoder's."""
+        return {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}

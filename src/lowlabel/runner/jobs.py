@@ -9,14 +9,44 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lowlabel.config import Params
 from lowlabel.methods.moco import default_queue_size
+from lowlabel.runner.launch import run_training_job
+from lowlabel.runner.worker import read_state
 
 # The per-epoch monitor uses a fixed 5k subset of the base training images as its bank,
 # to stay cheap; the fewshot stage reports kNN against all of them.
 KNN_BANK_SIZE = 5000
+
+
+class JobError(RuntimeError):
+    """A training job ended without what it must leave behind."""
+
+
+def run_job(
+    params: Params,
+    loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    name: str,
+    *,
+    storage_path: str | None = None,
+    gpus_per_worker: float = 1.0,
+) -> dict[str, Any]:
+    """Run ``loop(config)`` as the Ray Train job ``params.runtime`` describes; the state of its
+    final checkpoint. Errors of the workers are raised (Ray Train raises most from ``fit()``)."""
+    rt = params.runtime
+    result = run_training_job(
+        loop, config, name=name, workers=rt.workers, use_gpu=rt.use_gpu, cpus_per_worker=rt.cpus_per_worker,
+        storage_path=storage_path or rt.storage_path, max_failures=rt.max_failures, ray_address=rt.ray_address,
+        local_num_cpus=rt.local_num_cpus, gpus_per_worker=gpus_per_worker,
+    )
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise JobError(f"Ray run {name} finished without a checkpoint")
+    return read_state(result.checkpoint)
 
 
 def params_hash(*sections: Any) -> str:

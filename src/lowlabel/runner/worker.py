@@ -84,15 +84,22 @@ def setup_worker(config: dict[str, Any]) -> WorkerContext:
     return WorkerContext(rank, world, device, amp_dtype, channels_last=True, scaler=scaler)
 
 
+def read_state(checkpoint: str | Path | ray.train.Checkpoint) -> dict[str, Any]:
+    """The training state saved in a checkpoint (a Ray Checkpoint or its folder), on the CPU."""
+    if isinstance(checkpoint, ray.train.Checkpoint):
+        with checkpoint.as_directory() as directory:
+            return read_state(directory)
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
 def load_state(config: dict[str, Any]) -> dict[str, Any] | None:
     """The state to continue from: this job's latest checkpoint after a worker restart, else the
     previous run's newest complete checkpoint (``config["resume_dir"]``), else None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        return read_state(checkpoint)
     if config.get("resume_dir"):
-        return torch.load(Path(config["resume_dir"]) / STATE_FILE, map_location="cpu", weights_only=False)
+        return read_state(config["resume_dir"])
     return None
 
 

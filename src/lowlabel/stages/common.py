@@ -22,6 +22,7 @@ from lowlabel.config import ConfigError, Params, flatten, load_params  # noqa: E
 from lowlabel.data.prepared import PreparedDataError, atomic_write_text  # noqa: E402
 from lowlabel.data.sources import DataSourceError  # noqa: E402
 from lowlabel.data.splits import SplitError  # noqa: E402
+from lowlabel.runner.jobs import JobError  # noqa: E402
 from lowlabel.runner.launch import ClusterError  # noqa: E402
 from lowlabel.tracking import TAG_DVC_STAGE, TAG_METHOD, TAG_STAGE, resolve_tracking_uri, stage_run  # noqa: E402
 
@@ -39,7 +40,7 @@ class StageError(RuntimeError):
 
 
 # Problems with the user's input or setup: shown as one clear line, no traceback.
-USER_ERRORS = (ConfigError, StageError, DataSourceError, SplitError, PreparedDataError, ClusterError, ConnectionError)
+USER_ERRORS = (ConfigError, StageError, JobError, DataSourceError, SplitError, PreparedDataError, ClusterError, ConnectionError)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -130,11 +131,9 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     The MLflow run must be active: its id goes to the workers, whose rank 0 logs metrics.
     """
     import mlflow
-    import torch
 
-    from lowlabel.runner.jobs import common_config
-    from lowlabel.runner.launch import remove_run, run_training_job
-    from lowlabel.runner.worker import STATE_FILE
+    from lowlabel.runner.jobs import common_config, run_job
+    from lowlabel.runner.launch import remove_run
 
     if params.runtime.workers == "auto":
         params, name = resolve_auto_workers(params, name)
@@ -142,26 +141,9 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     run = mlflow.active_run()
     config = {**config, **common_config(params, PREPARED_DIR, mlflow.get_tracking_uri(), run.info.run_id if run else None)}
     try:
-        result = run_training_job(
-            loop,
-            config,
-            name=name,
-            workers=rt.workers,
-            use_gpu=rt.use_gpu,
-            cpus_per_worker=rt.cpus_per_worker,
-            storage_path=rt.storage_path,
-            max_failures=rt.max_failures,
-            ray_address=rt.ray_address,
-            local_num_cpus=rt.local_num_cpus,
-        )
-    except Exception as error:  # Ray Train V2 raises the workers' errors from fit()
+        state = run_job(params, loop, config, name)
+    except Exception as error:
         raise _diverged(error, name) or error
-    if result.error is not None:
-        raise _diverged(result.error, name) or result.error
-    if result.checkpoint is None:
-        raise StageError(f"Ray run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     # Outputs now live in DVC outs; drop the run's checkpoints so a re-run starts afresh.
     remove_run(rt.storage_path, name)
     return state

@@ -8,6 +8,7 @@ import torch
 
 from lowlabel.config import SEMISUP_METHODS, Params
 from lowlabel.data.prepared import PreparedData
+from lowlabel.models.heads import Classifier
 from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
 from lowlabel.stages.common import (
     MODELS_DIR,
@@ -58,7 +59,7 @@ def semisup(params: Params, method: str) -> dict:
             if key in last:
                 metrics[key] = last[key]
         # The EMA weights are the ones evaluated, so they are the ones handed on.
-        encoder_state = {k.removeprefix("encoder."): v for k, v in state["ema"].items() if k.startswith("encoder.")}
+        encoder_state = Classifier.encoder_state(state["ema"])
         out = MODELS_DIR / "semisup" / method / ENCODER_FILE
         save_encoder(
             out, encoder_state, arch=params.encoder.arch, width=params.encoder.width, in_chans=data.in_chans,
