@@ -47,3 +47,15 @@ def tiny_prepared(tmp_path_factory) -> Path:
 @pytest.fixture()
 def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """For tests on tiny tensors: extra intra-op threads only add OpenMP barriers, which turn
+    seconds into a minute when the box is busy with other test processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,7 @@ from lowlabel.fewshot import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: extra intra-op threads only add OpenMP barriers, which turn
-    # seconds into a minute when the box is busy with other test processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pool(n_classes: int = 12, per_class: int = 30, seed: int = 0) -> np.ndarray:

@@ -24,13 +24,7 @@ from lowlabel.models.encoders import Conv4, build_encoder
 from lowlabel.stages import fewshot as stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only add barriers on a busy box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _conv4_split(seed: int = 0) -> tuple[nn.Module, LastBlockSplit]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lowlabel.fewshot.heads import FewShotClassifier, _fused_ok
+from lowlabel.fewshot.heads import FewShotClassifier, _check_episode_batch, _fused_ok
 
 __all__ = ["EncoderSplitError", "FineTuneLastBlock", "LastBlockSplit", "split_last_block"]
 
@@ -191,23 +191,6 @@ def split_last_block(encoder: nn.Module, example: torch.Tensor, arch: str) -> La
     )
 
 
-def _check_block_input_batch(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int) -> None:
-    if support.dim() < 3 or query.dim() != support.dim() or support_labels.dim() != 2:
-        raise ValueError(
-            "batched inputs must be support (E,S,...), support_labels (E,S), query (E,Q,...) block "
-            f"inputs; got {tuple(support.shape)}, {tuple(support_labels.shape)}, {tuple(query.shape)}"
-        )
-    if support.shape[:2] != support_labels.shape or support.shape[0] != query.shape[0]:
-        raise ValueError(
-            f"mismatched shapes: support {tuple(support.shape)}, "
-            f"support_labels {tuple(support_labels.shape)}, query {tuple(query.shape)}"
-        )
-    if support.shape[2:] != query.shape[2:]:
-        raise ValueError(f"support block inputs {tuple(support.shape[2:])} != query {tuple(query.shape[2:])}")
-    if n_way < 1:
-        raise ValueError(f"n_way must be >= 1, got {n_way}")
-
-
 class FineTuneLastBlock(FewShotClassifier):
     """Fine-tune a copy of the encoder's last block and a fresh linear classifier per episode.
 
@@ -314,7 +297,7 @@ class FineTuneLastBlock(FewShotClassifier):
 
     def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> FineTuneLastBlock:
         """support (S, ...) block inputs, support_labels (S,) in 0..n_way-1."""
-        _check_block_input_batch(support[None], support_labels[None], support[None], n_way)
+        _check_episode_batch(support[None], support_labels[None], support[None], n_way, block_inputs=True)
         params = self._train(support[None], support_labels[None], n_way)
         # A whole state dict of the block (its buffers, e.g. BN statistics, are unchanged).
         self.block_state_ = {**self.split.block.state_dict(), **{k: v[0] for k, v in params["block"].items()}}
@@ -336,7 +319,7 @@ class FineTuneLastBlock(FewShotClassifier):
     def fit_logits_batched(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
-        _check_block_input_batch(support, support_labels, query, n_way)
+        _check_episode_batch(support, support_labels, query, n_way, block_inputs=True)
         chunk = self._episodes_per_chunk()
         out = []
         for start in range(0, support.shape[0], chunk):

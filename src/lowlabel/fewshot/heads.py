@@ -28,11 +28,15 @@ __all__ = [
 
 
 def _check_episode_batch(
-    support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int, *, block_inputs: bool = False
 ) -> None:
-    if support.dim() != 3 or query.dim() != 3 or support_labels.dim() != 2:
+    """Shapes of a batch of E episodes: embeddings (E,S,D) / (E,Q,D), or with ``block_inputs``
+    any per-image shape (E,S,...) (the finetune head's cached inputs of the last block)."""
+    item = "..." if block_inputs else "D"
+    if (support.dim() < 3 if block_inputs else support.dim() != 3) or query.dim() != support.dim() or support_labels.dim() != 2:
         raise ValueError(
-            "batched inputs must be support (E,S,D), support_labels (E,S), query (E,Q,D); got "
+            f"batched inputs must be support (E,S,{item}), support_labels (E,S), query (E,Q,{item})"
+            f"{' block inputs' if block_inputs else ''}; got "
             f"{tuple(support.shape)}, {tuple(support_labels.shape)}, {tuple(query.shape)}"
         )
     if support.shape[:2] != support_labels.shape or support.shape[0] != query.shape[0]:
@@ -40,7 +44,9 @@ def _check_episode_batch(
             f"mismatched shapes: support {tuple(support.shape)}, "
             f"support_labels {tuple(support_labels.shape)}, query {tuple(query.shape)}"
         )
-    if support.shape[2] != query.shape[2]:
+    if support.shape[2:] != query.shape[2:]:
+        if block_inputs:
+            raise ValueError(f"support block inputs {tuple(support.shape[2:])} != query {tuple(query.shape[2:])}")
         raise ValueError(f"support dim {support.shape[2]} != query dim {query.shape[2]}")
     if n_way < 1:
         raise ValueError(f"n_way must be >= 1, got {n_way}")
