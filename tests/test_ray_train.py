@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lowlabel.runner.launch import ClusterError, check_resources, run_training_job
-from lowlabel.runner.worker import STATE_FILE
+from lowlabel.runner.worker import read_state
 from lowlabel.train.pretrain import pretrain_loop
 from lowlabel.train.semisup import semisup_loop
 
@@ -45,8 +45,23 @@ def common(tiny_prepared, mlflow_uri, run_id):
 
 def final_state(result):
     assert result.error is None
-    with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+    return read_state(result.checkpoint)
+
+
+def fixmatch_config(tiny_prepared, mlflow_uri, run_id, *, label, ema_decay):
+    """A 6-step, 2-chunk FixMatch job on the tiny data."""
+    return common(tiny_prepared, mlflow_uri, run_id) | {
+        "label": label,
+        "method": "fixmatch",
+        "init_encoder": None,
+        "steps": 6,
+        "eval_every": 3,
+        "batch_size": 4,
+        "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
+        "ema_decay": ema_decay,
+        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
+        "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
+    }
 
 
 def new_run(mlflow_uri):
@@ -94,18 +109,7 @@ def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path
 
 def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
     client, run_id = new_run(mlflow_uri)
-    config = common(tiny_prepared, mlflow_uri, run_id) | {
-        "label": "test-fixmatch",
-        "method": "fixmatch",
-        "init_encoder": None,
-        "steps": 6,
-        "eval_every": 3,
-        "batch_size": 4,
-        "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
-        "ema_decay": 0.99,
-        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
-        "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
-    }
+    config = fixmatch_config(tiny_prepared, mlflow_uri, run_id, label="test-fixmatch", ema_decay=0.99)
     result = run_training_job(
         semisup_loop, config, name="t-fixmatch", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
     )
@@ -123,18 +127,7 @@ def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, 
 def test_semisup_killed_worker_resumes_with_the_same_ema_weights(ray_local, tiny_prepared, tmp_path):
     """A FixMatch job whose worker dies mid-chunk restarts from the last checkpoint and ends with
     the uninterrupted run's EMA teacher (the loop is seeded per chunk, the EMA state is saved)."""
-    config = common(tiny_prepared, None, None) | {
-        "label": "test-fixmatch-resume",
-        "method": "fixmatch",
-        "init_encoder": None,
-        "steps": 6,
-        "eval_every": 3,
-        "batch_size": 4,
-        "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
-        "ema_decay": 0.9,
-        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
-        "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
-    }
+    config = fixmatch_config(tiny_prepared, None, None, label="test-fixmatch-resume", ema_decay=0.9)
     clean = final_state(run_training_job(
         semisup_loop, config, name="ema-clean", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
     ))
