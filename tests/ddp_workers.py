@@ -93,3 +93,19 @@ def moco_enqueue_order(rank: int, world: int, port: int, out: str) -> None:
     moco.enqueue(gather_no_grad(keys))
     torch.save({"queue": moco.queue.clone(), "keys": keys}, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def dist_align_steps(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker aligns its own unlabeled batch; the running mean must be the global one."""
+    from lowlabel.methods.semisup import DistributionAlignment
+
+    init(rank, world, port)
+    aligner = DistributionAlignment(3, momentum=0.5)
+    record = {"means": [], "aligned": []}
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        probs = torch.softmax(torch.randn(4, 3, generator=g, dtype=torch.float64), dim=1)
+        record["aligned"].append(aligner(probs))
+        record["means"].append(aligner.model_mean.clone())
+    torch.save(record, f"{out}.{rank}")
+    dist.destroy_process_group()

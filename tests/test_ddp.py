@@ -59,3 +59,17 @@ def test_shuffle_bn_unshuffle_restores_each_workers_samples_in_order(tmp_path):
     # The shuffle deals out a permutation of the global batch: nothing lost, nothing doubled.
     union = torch.cat([r0["mine"], r1["mine"]])
     assert sorted(r0["everyone"][:, 0].tolist()) == sorted(union[:, 0].tolist())
+
+
+def test_distribution_alignment_tracks_the_mean_over_every_workers_batch(tmp_path):
+    spawn(W.dist_align_steps, tmp_path / "align")
+    r0, r1 = (torch.load(tmp_path / f"align.{r}", weights_only=False) for r in (0, 1))
+    mean = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for step in range(3):
+        # The union's batch mean, whichever worker holds which half.
+        batches = [torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(10 * step + r), dtype=torch.float64), dim=1) for r in (0, 1)]
+        mean = 0.5 * mean + 0.5 * torch.cat(batches).mean(0)
+        assert all(torch.allclose(r["means"][step].double(), mean, atol=1e-6) for r in (r0, r1))
+        for r, record in enumerate((r0, r1)):
+            want = batches[r] * (1 / 3) / mean
+            assert torch.allclose(record["aligned"][step].double(), want / want.sum(1, keepdim=True), atol=1e-6)

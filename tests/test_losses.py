@@ -40,18 +40,18 @@ def test_nt_xent_is_low_for_aligned_views_and_symmetric():
 
 
 def test_pseudo_labels_threshold_and_mask():
-    logits = torch.log(torch.tensor([[0.96, 0.02, 0.02], [0.5, 0.3, 0.2], [0.01, 0.01, 0.98], [0.2, 0.75, 0.05]]))
-    labels, mask = pseudo_labels(logits, threshold=0.95)
+    probs = torch.tensor([[0.96, 0.02, 0.02], [0.5, 0.3, 0.2], [0.01, 0.01, 0.98], [0.2, 0.75, 0.05]])
+    labels, mask = pseudo_labels(probs, threshold=0.95)
     assert labels.tolist() == [0, 0, 2, 1]
     assert mask.tolist() == [1.0, 0.0, 1.0, 0.0]
     # Threshold is inclusive (>=), as in FixMatch's `max_probs.ge(threshold)`.
-    _, mask_eq = pseudo_labels(torch.log(torch.tensor([[0.75, 0.25]])), threshold=0.75)
+    _, mask_eq = pseudo_labels(torch.tensor([[0.75, 0.25]]), threshold=0.75)
     assert mask_eq.item() == 1.0
 
 
 def test_pseudo_labels_carry_no_gradient():
-    logits = torch.randn(4, 3, requires_grad=True)
-    labels, mask = pseudo_labels(logits, 0.5)
+    probs = torch.softmax(torch.randn(4, 3, requires_grad=True), dim=1)
+    labels, mask = pseudo_labels(probs, 0.5)
     assert not labels.requires_grad and not mask.requires_grad
 
 
@@ -107,10 +107,26 @@ def test_tsa_cross_entropy_drops_confident_samples():
 def test_kl_consistency_by_hand():
     from lowlabel.methods.losses import kl_consistency, sharpen
 
-    weak = torch.log(torch.tensor([[0.9, 0.1], [0.55, 0.45]], dtype=torch.float64))
+    weak = torch.tensor([[0.9, 0.1], [0.55, 0.45]], dtype=torch.float64)
     strong = torch.log(torch.tensor([[0.7, 0.3], [0.5, 0.5]], dtype=torch.float64))
     loss, mask = kl_consistency(weak, strong, temperature=0.5, threshold=0.8)
     assert mask.tolist() == [1.0, 0.0]
     target = sharpen(torch.tensor([[0.9, 0.1]], dtype=torch.float64), 0.5)[0]
     kl = (target * (target.log() - torch.tensor([0.7, 0.3], dtype=torch.float64).log())).sum().item()
     assert loss.item() == pytest.approx(kl / 2)
+
+
+def test_align_distribution_by_hand():
+    from lowlabel.methods.losses import align_distribution
+
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
+    model_mean = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    # p * (1/3) / model_mean, renormalised per row.
+    raw = [[0.6 / 0.5, 0.3 / 0.3, 0.1 / 0.2], [0.2 / 0.5, 0.2 / 0.3, 0.6 / 0.2]]
+    expected = torch.tensor([[v / sum(row) for v in row] for row in raw], dtype=torch.float64)
+    assert torch.allclose(align_distribution(probs, model_mean).double(), expected, atol=1e-7)
+    # A model that already predicts the prior is left alone; an explicit prior is used as given.
+    assert torch.allclose(align_distribution(probs, torch.full((3,), 1 / 3, dtype=torch.float64)).double(), probs, atol=1e-7)
+    prior = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
+    skewed = align_distribution(probs, torch.full((3,), 1 / 3, dtype=torch.float64), prior)
+    assert torch.allclose(skewed.double(), probs * prior / (probs * prior).sum(1, keepdim=True), atol=1e-7)

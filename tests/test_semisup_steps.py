@@ -1,10 +1,13 @@
 """Semi-supervised steps: the unlabeled samples' true labels never reach training."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from lowlabel.methods.semisup import SEMISUP_STEPS
+from lowlabel.methods.losses import align_distribution
+from lowlabel.methods.semisup import SEMISUP_STEPS, DistributionAlignment
 
 
 def toy_batch(seed: int):
@@ -18,17 +21,27 @@ def toy_batch(seed: int):
     )
 
 
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("method", ["fixmatch", "uda"])
-def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method):
+def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method, align, teacher):
     kwargs = dict(threshold=0.3, lambda_u=1.0, temperature=0.4, tsa="linear", step=3, total_steps=10, mu=2)
     grads = []
     for shift in (0, 1):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        model = toy_model()
         batch = toy_batch(1)
+        extra = {"aligner": DistributionAlignment(3, 0.9) if align else None, "teacher": copy.deepcopy(model).eval() if teacher else None}
         # True labels that agree with every pseudo-label, then labels that agree with none.
-        batch["u_true"] = (model(batch["u_weak"]).argmax(1) + shift) % 3
-        out = SEMISUP_STEPS[method](model, **batch, **kwargs)
+        weak = torch.softmax(model(batch["u_weak"]), 1)
+        if align:
+            weak = align_distribution(weak, 0.9 / 3 + 0.1 * weak.mean(0))
+        batch["u_true"] = (weak.argmax(1) + shift) % 3
+        out = SEMISUP_STEPS[method](model, **batch, **kwargs, **extra)
         out["loss"].backward()
         grads.append((out["loss"].item(), [p.grad.clone() for p in model.parameters()], out["pseudo_acc"].item(), out["mask_rate"].item()))
     (loss_a, grads_a, acc_a, mask_a), (loss_b, grads_b, acc_b, mask_b) = grads
@@ -45,3 +58,38 @@ def test_fixmatch_without_confident_samples_is_supervised():
     sup = SEMISUP_STEPS["supervised"](model, batch["x"], batch["y"])
     assert out["mask_rate"].item() == 0.0
     assert out["loss"].item() == pytest.approx(sup["loss"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "uda"])
+def test_a_teacher_labels_the_weak_view_and_gets_no_gradient(method):
+    kwargs = dict(threshold=0.3, lambda_u=1.0, temperature=0.4, tsa="linear", step=3, total_steps=10)
+    batch = toy_batch(3)
+    # A BN-free student is its own teacher when the teacher is an exact copy: same loss and grads.
+    student = toy_model()
+    own = SEMISUP_STEPS[method](student, **batch, **kwargs)
+    own["loss"].backward()
+    model, teacher = toy_model(), toy_model().eval()
+    out = SEMISUP_STEPS[method](model, **batch, **kwargs, teacher=teacher)
+    out["loss"].backward()
+    assert out["loss"].item() == pytest.approx(own["loss"].item(), rel=1e-6)
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-7) for a, b in zip(model.parameters(), student.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())
+    # The weak view reaches the loss only through the teacher: another teacher, other targets.
+    with torch.no_grad():
+        teacher[2].weight.mul_(-1)
+    other = SEMISUP_STEPS[method](toy_model(), **batch, **kwargs, teacher=teacher)
+    assert other["loss"].item() != pytest.approx(out["loss"].item())
+
+
+def test_distribution_alignment_updates_its_mean_then_aligns():
+    aligner = DistributionAlignment(3, momentum=0.9)
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]])
+    aligned = aligner(probs)
+    mean = 0.9 * torch.full((3,), 1 / 3) + 0.1 * probs.mean(0)
+    assert torch.allclose(aligner.model_mean, mean)
+    assert torch.allclose(aligned, align_distribution(probs, mean))
+    # Over-predicted class 0 loses mass in every row; the mean is saved with the state dict.
+    assert (aligned[:, 0] < probs[:, 0]).all()
+    restored = DistributionAlignment(3, momentum=0.9)
+    restored.load_state_dict(aligner.state_dict())
+    assert torch.equal(restored.model_mean, aligner.model_mean)

@@ -167,16 +167,25 @@ class PretrainConfig(_Section):
         return self
 
 
-class FixMatchConfig(_Section):
+class _UnlabeledConfig(_Section):
+    """What FixMatch and UDA share: the unlabeled batch and how its weak view is labelled."""
+
     mu: PositiveInt = 7
+    lambda_u: NonNegFloat = 1.0
+    # Who labels the weak view: the student itself (the papers), or the EMA teacher.
+    teacher: Literal["student", "ema"] = "student"
+    # Distribution alignment (ReMixMatch) of the weak-view probabilities towards a uniform
+    # class prior, with a running mean of the model's predictions of this momentum.
+    dist_align: bool = False
+    dist_align_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+
+
+class FixMatchConfig(_UnlabeledConfig):
     threshold: Probability = 0.95
-    lambda_u: NonNegFloat = 1.0
 
 
-class UDAConfig(_Section):
-    mu: PositiveInt = 7
+class UDAConfig(_UnlabeledConfig):
     threshold: Probability = 0.8
-    lambda_u: NonNegFloat = 1.0
     temperature: PositiveFloat = 0.4    # sharpening of the weak-view target
     tsa: Literal["none", "linear", "log", "exp"] = "linear"
 

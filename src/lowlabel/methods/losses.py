@@ -46,14 +46,27 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard pseudo-labels and the confidence mask ``max softmax >= threshold`` (FixMatch).
+def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels and the confidence mask ``max p >= threshold`` (FixMatch).
 
-    Takes the weak view's logits, detached: no gradient flows through the targets.
+    Takes the weak view's class probabilities (a softmax, possibly aligned or a teacher's);
+    detached: no gradient flows through the targets.
     """
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    confidence, labels = probs.max(dim=1)
+    confidence, labels = probs.detach().float().max(dim=1)
     return labels, (confidence >= threshold).float()
+
+
+def align_distribution(probs: torch.Tensor, model_mean: torch.Tensor, target_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch, Berthelot et al. 2020): ``Normalize(p * target / model)``.
+
+    ``model_mean`` is a running mean of the model's predictions on unlabeled data and
+    ``target_mean`` the class prior (uniform when None). Classes the model over-predicts are
+    scaled down in every pseudo-label, which counters the drift of a model trained on a few
+    labels towards a few classes.
+    """
+    target = torch.full_like(model_mean, 1.0 / model_mean.numel()) if target_mean is None else target_mean
+    aligned = probs.detach().float() * (target / model_mean.clamp_min(1e-12))
+    return aligned / aligned.sum(dim=1, keepdim=True)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,12 +104,13 @@ def tsa_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, threshold: fl
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
-def kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Tensor, temperature: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_consistency(weak_probs: torch.Tensor, strong_logits: torch.Tensor, temperature: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """UDA's consistency loss: KL(sharpen(p(weak)) || p(strong)) where max p(weak) >= threshold.
 
-    Returns (loss averaged over all unlabeled samples, mask). The weak branch is a fixed target.
+    ``weak_probs`` are the weak view's class probabilities (a fixed target: detached).
+    Returns (loss averaged over all unlabeled samples, mask).
     """
-    weak = torch.softmax(weak_logits.detach().float(), dim=1)
+    weak = weak_probs.detach().float()
     mask = (weak.max(dim=1).values >= threshold).float()
     target = sharpen(weak, temperature)
     kl = (target * (torch.log(target.clamp_min(1e-12)) - F.log_softmax(strong_logits.float(), dim=1))).sum(dim=1)

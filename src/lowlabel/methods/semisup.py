@@ -1,8 +1,10 @@
 """Semi-supervised objectives over a classifier: each one function of a batch.
 
-The reusable pieces (pseudo-labelling with a confidence threshold, masked cross-entropy)
-live in ``losses``; the EMA teacher is timm's ``ModelEmaV3``, held by the training loop.
-A method here maps (model, labeled batch, unlabeled views) to a dict of losses/stats.
+The reusable pieces live in one place: pure losses (pseudo-labelling with a confidence
+threshold, masked cross-entropy, sharpening, distribution alignment) in ``losses``; here the
+weak-view target (labelled by the student or by a teacher, optionally aligned), shared by
+every method. The EMA teacher is timm's ``ModelEmaV3``, held by the training loop. A method
+maps (model, labeled batch, unlabeled views) to a dict of losses/stats.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowlabel.distributed import all_reduce_mean
 from lowlabel.methods.losses import (
+    align_distribution,
     kl_consistency,
     masked_cross_entropy,
     pseudo_labels,
@@ -22,22 +26,63 @@ from lowlabel.methods.losses import (
 )
 
 
+class DistributionAlignment(nn.Module):
+    """The running mean of the model's predictions on unlabeled data, and the alignment of
+    each batch's weak-view probabilities by it (towards a uniform prior: the base classes are
+    balanced). The mean is taken over every worker's batch, so all workers align alike; it is
+    a buffer, so it rides in the checkpoint and a resumed run aligns as an uninterrupted one.
+    """
+
+    def __init__(self, num_classes: int, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("model_mean", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        batch_mean = all_reduce_mean(probs.float().mean(dim=0))
+        self.model_mean.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        return align_distribution(probs, self.model_mean)
+
+
 def supervised_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **_) -> dict[str, torch.Tensor]:
     """The baseline: cross-entropy on the labeled batch alone."""
     loss = F.cross_entropy(model(x), y)
     return {"loss": loss, "loss_sup": loss.detach()}
 
 
-def _forward_three(model: nn.Module, x: torch.Tensor, u_weak: torch.Tensor, u_strong: torch.Tensor):
-    # One forward over labeled + both unlabeled views, as the papers do, so BN sees them all.
-    logits = model(torch.cat([x, u_weak, u_strong]))
-    return logits[: len(x)], *logits[len(x) :].chunk(2)
+def weak_targets(
+    model: nn.Module,
+    x: torch.Tensor,
+    u_weak: torch.Tensor,
+    u_strong: torch.Tensor,
+    teacher: nn.Module | None = None,
+    aligner: DistributionAlignment | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labeled logits, the weak view's target probabilities, strong-view logits).
+
+    Without a teacher the student labels the weak view in one forward with the other views,
+    as the papers do, so BN sees them all. With one (the EMA model, in eval mode) the weak view
+    goes through it alone, without gradient: slower-moving targets, less confirmation bias, and
+    a student forward over two views instead of three. The aligner, if any, rescales the
+    probabilities; the targets never carry gradient.
+    """
+    if teacher is None:
+        logits = model(torch.cat([x, u_weak, u_strong]))
+        logits_x, logits_weak, logits_strong = logits[: len(x)], *logits[len(x) :].chunk(2)
+    else:
+        logits = model(torch.cat([x, u_strong]))
+        logits_x, logits_strong = logits[: len(x)], logits[len(x) :]
+        with torch.no_grad():
+            logits_weak = teacher(u_weak)
+    probs = torch.softmax(logits_weak.detach().float(), dim=1)
+    return logits_x, aligner(probs) if aligner is not None else probs, logits_strong
 
 
-def _pseudo_accuracy(weak_logits: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Of the unlabeled samples that pass the mask, how many have the right argmax (monitor only)."""
     known = (u_true >= 0).float()
-    correct = (weak_logits.detach().argmax(1) == u_true).float() * known
+    correct = (weak_probs.argmax(1) == u_true).float() * known
     return (correct * mask).sum() / (mask * known).sum().clamp(min=1)
 
 
@@ -50,6 +95,8 @@ def fixmatch_step(
     u_true: torch.Tensor,
     threshold: float,
     lambda_u: float,
+    teacher: nn.Module | None = None,
+    aligner: DistributionAlignment | None = None,
     **_,
 ) -> dict[str, torch.Tensor]:
     """FixMatch (Sohn et al. 2020): CE(strong view, pseudo-label of weak view) where confident.
@@ -57,16 +104,16 @@ def fixmatch_step(
     ``u_true`` (the unlabeled samples' real labels, or -1) is used for monitoring only:
     it never enters a loss.
     """
-    logits_x, logits_weak, logits_strong = _forward_three(model, x, u_weak, u_strong)
+    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner)
     loss_sup = F.cross_entropy(logits_x, y)
-    targets, mask = pseudo_labels(logits_weak, threshold)
+    targets, mask = pseudo_labels(weak_probs, threshold)
     loss_unsup = masked_cross_entropy(logits_strong, targets, mask)
     return {
         "loss": loss_sup + lambda_u * loss_unsup,
         "loss_sup": loss_sup.detach(),
         "loss_unsup": loss_unsup.detach(),
         "mask_rate": mask.mean(),
-        "pseudo_acc": _pseudo_accuracy(logits_weak, u_true, mask),
+        "pseudo_acc": _pseudo_accuracy(weak_probs, u_true, mask),
     }
 
 
@@ -83,20 +130,22 @@ def uda_step(
     tsa: str,
     step: int,
     total_steps: int,
+    teacher: nn.Module | None = None,
+    aligner: DistributionAlignment | None = None,
     **_,
 ) -> dict[str, torch.Tensor]:
     """UDA (Xie et al. 2020): TSA-masked supervised CE + confidence-masked KL consistency
     between the sharpened weak-view prediction and the strong view."""
-    logits_x, logits_weak, logits_strong = _forward_three(model, x, u_weak, u_strong)
+    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner)
     eta = tsa_threshold(tsa, step, total_steps, logits_x.shape[1])
     loss_sup = tsa_cross_entropy(logits_x, y, eta)
-    loss_unsup, mask = kl_consistency(logits_weak, logits_strong, temperature, threshold)
+    loss_unsup, mask = kl_consistency(weak_probs, logits_strong, temperature, threshold)
     return {
         "loss": loss_sup + lambda_u * loss_unsup,
         "loss_sup": loss_sup.detach(),
         "loss_unsup": loss_unsup.detach(),
         "mask_rate": mask.mean(),
-        "pseudo_acc": _pseudo_accuracy(logits_weak, u_true, mask),
+        "pseudo_acc": _pseudo_accuracy(weak_probs, u_true, mask),
         "tsa_threshold": torch.tensor(eta),
     }
 

@@ -25,6 +25,7 @@ from lowlabel.data.samplers import BalancedSampler, ShardedCycleSampler
 from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features
 from lowlabel.methods import SEMISUP_STEPS
+from lowlabel.methods.semisup import DistributionAlignment
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier
 from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
@@ -74,6 +75,12 @@ def semisup_loop(config: dict[str, Any]) -> None:
     ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
     logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))
     step_fn = SEMISUP_STEPS[method]
+    method_kwargs = config["method_kwargs"]
+    aligner = None
+    if method_kwargs.get("dist_align"):
+        aligner = DistributionAlignment(len(data.split.base_classes), method_kwargs["dist_align_momentum"]).to(ctx.device)
+    # The EMA model labels the weak view in eval mode (its BN running statistics), never trained.
+    teacher = ema.module if method_kwargs.get("teacher") == "ema" else None
 
     start_chunk, history = 0, []
     state = load_state(config)
@@ -81,6 +88,8 @@ def semisup_loop(config: dict[str, Any]) -> None:
         model_inner.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
+        if aligner is not None:
+            aligner.load_state_dict(state["aligner"])
         start_chunk, history = state["chunk"], state["history"]
         print_main(ctx, f"[{config['label']}] resumed from the checkpoint at step {min(steps, start_chunk * eval_every)}")
 
@@ -98,7 +107,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
         loaders: list[DataLoader] = [labeled_loader]
         if unlabeled_ds is not None:
             unlabeled_ds.set_epoch(chunk)
-            mu_batch = per_worker * config["method_kwargs"]["mu"]
+            mu_batch = per_worker * method_kwargs["mu"]
             loaders.append(
                 DataLoader(
                     unlabeled_ds,
@@ -113,7 +122,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
         for i, batches in enumerate(zip(*loaders)):
             maybe_inject_fault(config, ctx, chunk + 1, i)  # test hook; chunks play the role of epochs
             x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
-            kwargs: dict[str, Any] = {**config["method_kwargs"], "step": first + i, "total_steps": steps}
+            kwargs: dict[str, Any] = {**method_kwargs, "step": first + i, "total_steps": steps, "teacher": teacher, "aligner": aligner}
             if unlabeled_ds is not None:
                 u_weak, u_strong, u_true = batches[1]
                 kwargs |= dict(u_weak=ctx.to_device(u_weak), u_strong=ctx.to_device(u_strong), u_true=u_true.to(ctx.device))
@@ -126,7 +135,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
         seconds = time.perf_counter() - started
-        images = n_steps * per_worker * ctx.world_size * (1 + 2 * config["method_kwargs"]["mu"] if unlabeled_ds is not None else 1)
+        images = n_steps * per_worker * ctx.world_size * (1 + 2 * method_kwargs["mu"] if unlabeled_ds is not None else 1)
         metrics = {key: all_reduce_mean(value / n_steps).item() for key, value in sums.items()}
         metrics |= {"lr": optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
         if ctx.is_main:
@@ -140,6 +149,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             "model": model_inner.state_dict(),
             "ema": ema.module.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "aligner": aligner.state_dict() if aligner is not None else None,
             "chunk": chunk + 1,
             "history": history,
         }
