@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=None, help="JSON of every run (also appended run by run to OUT.jsonl)")
+    parser.add_argument("--out", default=None, help="JSON of every run (also appended run by run to OUT.jsonl; "
+                        "cells already in OUT.jsonl under the same run name are taken from it, not re-run)")
     parser.add_argument("--encoders-dir", default=None, help="reuse <init>.pt found here; pretrain and save the others here")
     parser.add_argument("--pretrain-only", action="store_true")
     parser.add_argument("--parallel", type=int, default=1, help="grid jobs at a time (each gets 1/N of a GPU when there is one)")
@@ -162,6 +163,11 @@ def main() -> None:
     ensure_ray(cluster_address(params.runtime.ray_address), params.runtime.local_num_cpus)
     runs: list[dict] = []
     log = Path(args.out).with_suffix(".jsonl") if args.out else None
+    # The run name holds a hash of every param of the job (seed, data, encoder, runtime, semisup),
+    # so a finished cell is reused only for the very same job (and the same --encoders-dir).
+    done = {}
+    if log and log.is_file():
+        done = {row["run"]: row for row in map(json.loads, log.read_text().splitlines()) if "run" in row}
     lock = threading.Lock()
     data_dirs = {(n, s): prepare(arrays, workdir / f"prepared-L{n}-s{s}", n, s) for n in labels for s in seeds}
 
@@ -169,11 +175,17 @@ def main() -> None:
         p = with_updates(params, semisup={"steps": args.steps, "eval_every": args.steps, "init": "random"})
         p = p.model_copy(update={"seed": seed})
         config, name = semisup_job(p, method, encoders[init])
+        name = f"{name}-{init}-L{n_labels}"
+        if name in done:
+            with lock:
+                runs.append(done[name])
+                print(f"L{n_labels} seed {seed} {init:<7} {method:<11} EMA test acc {done[name]['acc']:.4f}  (reused from {log})", flush=True)
+            return
         started = time.perf_counter()
-        state = train(p, semisup_loop, config, f"{name}-{init}-L{n_labels}", data_dirs[n_labels, seed], storage, 1.0 / args.parallel)
+        state = train(p, semisup_loop, config, name, data_dirs[n_labels, seed], storage, 1.0 / args.parallel)
         last = state["history"][-1]
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
-               "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started}
+               "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name}
         with lock:
             runs.append(run)
             if log:

@@ -48,7 +48,7 @@ def final_state(result):
     return read_state(result.checkpoint)
 
 
-def fixmatch_config(tiny_prepared, mlflow_uri, run_id, *, label, ema_decay):
+def fixmatch_config(tiny_prepared, mlflow_uri, run_id, *, label, ema_decay, **method_kwargs):
     """A 6-step, 2-chunk FixMatch job on the tiny data."""
     return common(tiny_prepared, mlflow_uri, run_id) | {
         "label": label,
@@ -59,7 +59,7 @@ def fixmatch_config(tiny_prepared, mlflow_uri, run_id, *, label, ema_decay):
         "batch_size": 4,
         "optim": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True, "warmup_fraction": 0.0},
         "ema_decay": ema_decay,
-        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0},
+        "method_kwargs": {"mu": 2, "threshold": 0.5, "lambda_u": 1.0} | method_kwargs,
         "randaugment": {"num_ops": 2, "magnitude": 10, "cutout": 0.5},
     }
 
@@ -126,8 +126,11 @@ def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, 
 
 def test_semisup_killed_worker_resumes_with_the_same_ema_weights(ray_local, tiny_prepared, tmp_path):
     """A FixMatch job whose worker dies mid-chunk restarts from the last checkpoint and ends with
-    the uninterrupted run's EMA teacher (the loop is seeded per chunk, the EMA state is saved)."""
-    config = fixmatch_config(tiny_prepared, None, None, label="test-fixmatch-resume", ema_decay=0.9)
+    the uninterrupted run's EMA teacher (the loop is seeded per chunk; the EMA, which labels the
+    weak view here, and the distribution-alignment mean are saved)."""
+    config = fixmatch_config(
+        tiny_prepared, None, None, label="test-fixmatch-resume", ema_decay=0.9, teacher="ema", dist_align=True, dist_align_momentum=0.5
+    )
     clean = final_state(run_training_job(
         semisup_loop, config, name="ema-clean", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
     ))
@@ -142,6 +145,11 @@ def test_semisup_killed_worker_resumes_with_the_same_ema_weights(ray_local, tiny
     for name, tensor in clean["ema"].items():
         assert torch.allclose(tensor.float(), restarted["ema"][name].float(), atol=1e-5), name
     assert restarted["history"][-1]["test_acc_ema"] == pytest.approx(clean["history"][-1]["test_acc_ema"], abs=1e-9)
+    aligned = clean["aligner"]["model_mean"]
+    assert not torch.allclose(aligned, torch.full_like(aligned, 1 / len(aligned))), "the aligner never moved"
+    # Not bit-exact (the weights above agree to 1e-5 and softmax amplifies that); an aligner that
+    # restarted from uniform would be off by 0.5**3 x (its mean at step 3 - uniform): several 1e-3 here.
+    assert torch.allclose(restarted["aligner"]["model_mean"], aligned, atol=1e-3)
 
 
 def test_impossible_worker_count_fails_fast(ray_local):

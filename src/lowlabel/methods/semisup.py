@@ -61,18 +61,15 @@ def weak_targets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(labeled logits, the weak view's target probabilities, strong-view logits).
 
-    Without a teacher the student labels the weak view in one forward with the other views,
-    as the papers do, so BN sees them all. With one (the EMA model, in eval mode) the weak view
-    goes through it alone, without gradient: slower-moving targets, less confirmation bias, and
-    a student forward over two views instead of three. The aligner, if any, rescales the
-    probabilities; the targets never carry gradient.
+    The student sees the labeled batch and both unlabeled views in one forward, as the papers
+    do, so BN's batch and running statistics cover them all. The weak view is labelled by the
+    student itself, or by a teacher (the EMA model, in eval mode, without gradient): slower-
+    moving targets, less confirmation bias. The aligner, if any, rescales the probabilities;
+    the targets never carry gradient.
     """
-    if teacher is None:
-        logits = model(torch.cat([x, u_weak, u_strong]))
-        logits_x, logits_weak, logits_strong = logits[: len(x)], *logits[len(x) :].chunk(2)
-    else:
-        logits = model(torch.cat([x, u_strong]))
-        logits_x, logits_strong = logits[: len(x)], logits[len(x) :]
+    logits = model(torch.cat([x, u_weak, u_strong]))
+    logits_x, logits_weak, logits_strong = logits[: len(x)], *logits[len(x) :].chunk(2)
+    if teacher is not None:
         with torch.no_grad():
             logits_weak = teacher(u_weak)
     probs = torch.softmax(logits_weak.detach().float(), dim=1)
