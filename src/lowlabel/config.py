@@ -167,13 +167,16 @@ class PretrainConfig(_Section):
         return self
 
 
+# Who labels the weak view: the student itself (the papers), or the EMA teacher.
+WeakViewTeacher = Literal["student", "ema"]
+
+
 class _UnlabeledConfig(_Section):
     """What FixMatch and UDA share: the unlabeled batch and how its weak view is labelled."""
 
     mu: PositiveInt = 7
     lambda_u: NonNegFloat = 1.0
-    # Who labels the weak view: the student itself (the papers), or the EMA teacher.
-    teacher: Literal["student", "ema"] = "student"
+    teacher: WeakViewTeacher = "student"
     # Distribution alignment (ReMixMatch) of the weak-view probabilities towards a uniform
     # class prior, with a running mean of the model's predictions of this momentum.
     dist_align: bool = False
@@ -184,7 +187,7 @@ class FixMatchConfig(_UnlabeledConfig):
     threshold: Probability = 0.95
     # On by default: at 4 labels/class and 500 steps they take FixMatch from random init from
     # 19 points below supervised-only to 5 above it (bench/semisup_grid.py; numbers in README).
-    teacher: Literal["student", "ema"] = "ema"
+    teacher: WeakViewTeacher = "ema"
     dist_align: bool = True
 
 
