@@ -18,6 +18,7 @@ their ratio. Needs a CUDA GPU; exits with a message without one.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from lowlabel.config import Params, parse_params  # noqa: E402
 from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared  # noqa: E402
 from lowlabel.data.splits import make_split  # noqa: E402
 from lowlabel.methods import PRETRAIN_METHODS  # noqa: E402
-from lowlabel.methods.semisup import SEMISUP_STEPS  # noqa: E402
+from lowlabel.methods import SEMISUP_REGISTRY  # noqa: E402
 from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
 from lowlabel.models.heads import Classifier  # noqa: E402
 from lowlabel.presets import PRESETS_DIR, merge, set_param  # noqa: E402
@@ -114,14 +115,18 @@ def bare_images_per_s(params: Params, method: str, data: PreparedData, amp_dtype
         batch, kwargs = params.semisup.batch_size, dict(config["method_kwargs"])
         x, y = torch.randn(batch, *size, device=device), torch.randint(0, len(data.split.base_classes), (batch,), device=device)
         images = batch
-        if method != "supervised":
+        spec = SEMISUP_REGISTRY[method]
+        if spec.uses_unlabeled:
             mu = kwargs["mu"]
             u = [torch.randn(batch * mu, *size, device=device) for _ in range(2)]
             kwargs |= dict(u_weak=u[0], u_strong=u[1], u_true=torch.zeros(batch * mu, dtype=torch.long, device=device))
             images += 2 * batch * mu
+        # As the loop does: the EMA teacher (here a frozen copy: same cost) and the running statistics.
+        teacher = copy.deepcopy(model).to(device, memory_format=torch.channels_last).eval() if kwargs.get("teacher") == "ema" else None
+        kwargs |= {"teacher": teacher} | {k: m.to(device) for k, m in spec.make_state(len(data.split.base_classes), kwargs).items()}
 
         def forward():
-            return SEMISUP_STEPS[method](model, x.contiguous(memory_format=torch.channels_last), y, step=0, total_steps=1000, **kwargs)["loss"]
+            return spec.step(model, x.contiguous(memory_format=torch.channels_last), y, step=0, total_steps=1000, **kwargs)["loss"]
     model.to(device, memory_format=torch.channels_last).train()
     optimizer, _ = build_optimizer(model, 1000, **config["optim"])
 

@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--inits", default="random,simclr,moco")
     parser.add_argument("--methods", default="fixmatch,uda,supervised")
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=None, help="test the EMA model every N steps (default: at the end only); "
+                        "the curve is kept in OUT.jsonl, the table still reports the last step")
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--max-train-per-class", type=int, default=None)
     parser.add_argument("--npz", default=None)
@@ -172,7 +174,7 @@ def main() -> None:
     data_dirs = {(n, s): prepare(arrays, workdir / f"prepared-L{n}-s{s}", n, s) for n in labels for s in seeds}
 
     def grid_job(n_labels: int, seed: int, init: str, method: str) -> None:
-        p = with_updates(params, semisup={"steps": args.steps, "eval_every": args.steps, "init": "random"})
+        p = with_updates(params, semisup={"steps": args.steps, "eval_every": args.eval_every or args.steps, "init": "random"})
         p = p.model_copy(update={"seed": seed})
         config, name = semisup_job(p, method, encoders[init])
         name = f"{name}-{init}-L{n_labels}"
@@ -185,7 +187,8 @@ def main() -> None:
         state = train(p, semisup_loop, config, name, data_dirs[n_labels, seed], storage, 1.0 / args.parallel)
         last = state["history"][-1]
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
-               "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name}
+               "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name,
+               "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc")} for h in state["history"]]}
         with lock:
             runs.append(run)
             if log:

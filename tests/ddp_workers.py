@@ -109,3 +109,19 @@ def dist_align_steps(rank: int, world: int, port: int, out: str) -> None:
         record["means"].append(aligner.model_mean.clone())
     torch.save(record, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def self_adaptive_threshold_steps(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker thresholds its own unlabeled batch; the running statistics must be the union's."""
+    from lowlabel.methods.freematch import SelfAdaptiveThreshold
+
+    init(rank, world, port)
+    sat = SelfAdaptiveThreshold(3, momentum=0.5)
+    record = {"thresholds": [], "buffers": []}
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        probs = torch.softmax(3 * torch.randn(4, 3, generator=g, dtype=torch.float64), dim=1)
+        record["thresholds"].append(sat(probs))
+        record["buffers"].append({k: v.clone() for k, v in sat.state_dict().items()})
+    torch.save(record, f"{out}.{rank}")
+    dist.destroy_process_group()

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ddp_workers as W
+from lowlabel.methods.freematch import SelfAdaptiveThreshold
 
 
 def free_port() -> int:
@@ -73,3 +74,16 @@ def test_distribution_alignment_tracks_the_mean_over_every_workers_batch(tmp_pat
         for r, record in enumerate((r0, r1)):
             want = batches[r] * (1 / 3) / mean
             assert torch.allclose(record["aligned"][step].double(), want / want.sum(1, keepdim=True), atol=1e-6)
+
+
+def test_self_adaptive_thresholds_track_every_workers_batch(tmp_path):
+    spawn(W.self_adaptive_threshold_steps, tmp_path / "sat")
+    r0, r1 = (torch.load(tmp_path / f"sat.{r}", weights_only=False) for r in (0, 1))
+    # The same statistics on one process fed the union of both workers' batches.
+    single = SelfAdaptiveThreshold(3, momentum=0.5)
+    for step in range(3):
+        batches = [torch.softmax(3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(10 * step + r), dtype=torch.float64), dim=1) for r in (0, 1)]
+        want = single(torch.cat(batches))
+        for record in (r0, r1):
+            assert torch.allclose(record["thresholds"][step].double(), want.double(), atol=1e-6)
+            assert all(torch.allclose(record["buffers"][step][k].double(), v.double(), atol=1e-6) for k, v in single.state_dict().items())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowlabel.methods.losses import masked_cross_entropy, nt_xent_loss, pseudo_labels
+from lowlabel.methods.losses import fairness_loss, masked_cross_entropy, nt_xent_loss, pseudo_labels, self_adaptive_thresholds
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -47,6 +47,35 @@ def test_pseudo_labels_threshold_and_mask():
     # Threshold is inclusive (>=), as in FixMatch's `max_probs.ge(threshold)`.
     _, mask_eq = pseudo_labels(torch.tensor([[0.75, 0.25]]), threshold=0.75)
     assert mask_eq.item() == 1.0
+
+
+def test_pseudo_labels_with_a_threshold_per_class():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.45, 0.1, 0.45]])
+    # Each sample is held to its own argmax's bar: class 0 at 0.5, class 1 at 0.75, class 2 at 0.8.
+    labels, mask = pseudo_labels(probs, torch.tensor([0.5, 0.75, 0.8]))
+    assert labels.tolist() == [0, 1, 2, 0]
+    assert mask.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_self_adaptive_thresholds_by_hand():
+    # tau(c) = tau_g * p(c) / max p: the most-predicted class gets tau_g, the others less.
+    out = self_adaptive_thresholds(torch.tensor(0.8), torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.allclose(out, torch.tensor([0.8, 0.4, 0.4]))
+
+
+def test_fairness_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 0.0], [5.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last sample is not selected
+    class_probs, label_hist = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.6, 0.4, 0.0])
+    probs = torch.softmax(logits[:3], dim=1)
+    # Strong-view argmax over the selected samples: classes 0, 1, 1 -> histogram (1/3, 2/3, 0).
+    batch = probs.mean(0) * torch.tensor([3.0, 1.5, 0.0], dtype=torch.float64)  # 1/h, 0 where h = 0
+    batch = batch / batch.sum()
+    target = torch.tensor([0.5 / 0.6, 0.3 / 0.4, 0.0], dtype=torch.float64)
+    target = target / target.sum()
+    expected = sum(target[c] * math.log(batch[c] + 1e-12) for c in range(3))
+    assert fairness_loss(logits, mask, class_probs, label_hist).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert fairness_loss(logits, torch.zeros(4), class_probs, label_hist).item() == 0.0
 
 
 def test_pseudo_labels_carry_no_gradient():

@@ -125,12 +125,14 @@ def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, 
 
 
 def test_semisup_killed_worker_resumes_with_the_same_ema_weights(ray_local, tiny_prepared, tmp_path):
-    """A FixMatch job whose worker dies mid-chunk restarts from the last checkpoint and ends with
-    the uninterrupted run's EMA teacher (the loop is seeded per chunk; the EMA, which labels the
-    weak view here, and the distribution-alignment mean are saved)."""
+    """A FreeMatch job (EMA teacher, distribution alignment) whose worker dies mid-chunk restarts
+    from the last checkpoint and ends with the uninterrupted run's EMA teacher and running
+    statistics (the loop is seeded per chunk; the EMA, which labels the weak view here, the
+    alignment mean and the self-adaptive thresholds are saved)."""
     config = fixmatch_config(
-        tiny_prepared, None, None, label="test-fixmatch-resume", ema_decay=0.9, teacher="ema", dist_align=True, dist_align_momentum=0.5
-    )
+        tiny_prepared, None, None, label="test-freematch-resume", ema_decay=0.9,
+        teacher="ema", dist_align=True, dist_align_momentum=0.5, sat_momentum=0.5, lambda_f=0.01,
+    ) | {"method": "freematch"}
     clean = final_state(run_training_job(
         semisup_loop, config, name="ema-clean", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
     ))
@@ -145,11 +147,13 @@ def test_semisup_killed_worker_resumes_with_the_same_ema_weights(ray_local, tiny
     for name, tensor in clean["ema"].items():
         assert torch.allclose(tensor.float(), restarted["ema"][name].float(), atol=1e-5), name
     assert restarted["history"][-1]["test_acc_ema"] == pytest.approx(clean["history"][-1]["test_acc_ema"], abs=1e-9)
-    aligned = clean["aligner"]["model_mean"]
-    assert not torch.allclose(aligned, torch.full_like(aligned, 1 / len(aligned))), "the aligner never moved"
-    # Not bit-exact (the weights above agree to 1e-5 and softmax amplifies that); an aligner that
-    # restarted from uniform would be off by 0.5**3 x (its mean at step 3 - uniform): several 1e-3 here.
-    assert torch.allclose(restarted["aligner"]["model_mean"], aligned, atol=1e-3)
+    assert set(clean["method_state"]) == {"aligner", "thresholds"}
+    for module, stats in clean["method_state"].items():
+        for name, value in stats.items():
+            assert not torch.allclose(value, torch.full_like(value, 1 / 4)), f"{module}.{name} never moved"  # 4 base classes
+            # Not bit-exact (the weights above agree to 1e-5 and softmax amplifies that); statistics
+            # restarted from 1/C would be off by 0.5**3 x (their value at step 3 - 1/C): several 1e-3 here.
+            assert torch.allclose(restarted["method_state"][module][name], value, atol=1e-3), f"{module}.{name}"
 
 
 def test_impossible_worker_count_fails_fast(ray_local):

@@ -6,8 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from lowlabel.methods.losses import align_distribution
-from lowlabel.methods.semisup import SEMISUP_STEPS, DistributionAlignment
+from lowlabel.methods import SEMISUP_REGISTRY
+from lowlabel.methods.freematch import SelfAdaptiveThreshold
+from lowlabel.methods.losses import align_distribution, self_adaptive_thresholds
+from lowlabel.methods.semisup import DistributionAlignment
+
+UNLABELED_METHODS = ["fixmatch", "uda", "freematch"]
+
+
+def step(method: str, *args, **kwargs):
+    return SEMISUP_REGISTRY[method].step(*args, **kwargs)
+
+
+def fresh_state(method: str) -> dict:
+    """A new threshold module for FreeMatch (its statistics move with every call)."""
+    return {"thresholds": SelfAdaptiveThreshold(3, momentum=0.9)} if method == "freematch" else {}
 
 
 def toy_batch(seed: int):
@@ -28,9 +41,9 @@ def toy_model() -> nn.Module:
 
 @pytest.mark.parametrize("teacher", [False, True])
 @pytest.mark.parametrize("align", [False, True])
-@pytest.mark.parametrize("method", ["fixmatch", "uda"])
+@pytest.mark.parametrize("method", UNLABELED_METHODS)
 def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method, align, teacher):
-    kwargs = dict(threshold=0.3, lambda_u=1.0, temperature=0.4, tsa="linear", step=3, total_steps=10, mu=2)
+    kwargs = dict(threshold=0.3, lambda_u=1.0, lambda_f=0.01, temperature=0.4, tsa="linear", step=3, total_steps=10, mu=2)
     grads = []
     for shift in (0, 1):
         model = toy_model()
@@ -41,7 +54,7 @@ def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method, 
         if align:  # what a fresh aligner makes of this first batch
             weak = DistributionAlignment(3, 0.9)(weak)
         batch["u_true"] = (weak.argmax(1) + shift) % 3
-        out = SEMISUP_STEPS[method](model, **batch, **kwargs, **extra)
+        out = step(method, model, **batch, **kwargs, **extra, **fresh_state(method))
         out["loss"].backward()
         grads.append((out["loss"].item(), [p.grad.clone() for p in model.parameters()], out["pseudo_acc"].item(), out["mask_rate"].item()))
     (loss_a, grads_a, acc_a, mask_a), (loss_b, grads_b, acc_b, mask_b) = grads
@@ -54,22 +67,22 @@ def test_fixmatch_without_confident_samples_is_supervised():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3))
     batch = toy_batch(2)
-    out = SEMISUP_STEPS["fixmatch"](model, **batch, threshold=1.0, lambda_u=1.0)
-    sup = SEMISUP_STEPS["supervised"](model, batch["x"], batch["y"])
+    out = step("fixmatch", model, **batch, threshold=1.0, lambda_u=1.0)
+    sup = step("supervised", model, batch["x"], batch["y"])
     assert out["mask_rate"].item() == 0.0
     assert out["loss"].item() == pytest.approx(sup["loss"].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "uda"])
+@pytest.mark.parametrize("method", UNLABELED_METHODS)
 def test_a_teacher_labels_the_weak_view_and_gets_no_gradient(method):
-    kwargs = dict(threshold=0.3, lambda_u=1.0, temperature=0.4, tsa="linear", step=3, total_steps=10)
+    kwargs = dict(threshold=0.3, lambda_u=1.0, lambda_f=0.01, temperature=0.4, tsa="linear", step=3, total_steps=10)
     batch = toy_batch(3)
     # A BN-free student is its own teacher when the teacher is an exact copy: same loss and grads.
     student = toy_model()
-    own = SEMISUP_STEPS[method](student, **batch, **kwargs)
+    own = step(method, student, **batch, **kwargs, **fresh_state(method))
     own["loss"].backward()
     model, teacher = toy_model(), toy_model().eval()
-    out = SEMISUP_STEPS[method](model, **batch, **kwargs, teacher=teacher)
+    out = step(method, model, **batch, **kwargs, teacher=teacher, **fresh_state(method))
     out["loss"].backward()
     assert out["loss"].item() == pytest.approx(own["loss"].item(), rel=1e-6)
     assert all(torch.allclose(a.grad, b.grad, atol=1e-7) for a, b in zip(model.parameters(), student.parameters()))
@@ -77,7 +90,7 @@ def test_a_teacher_labels_the_weak_view_and_gets_no_gradient(method):
     # The weak view reaches the loss only through the teacher: another teacher, other targets.
     with torch.no_grad():
         teacher[2].weight.mul_(-1)
-    other = SEMISUP_STEPS[method](toy_model(), **batch, **kwargs, teacher=teacher)
+    other = step(method, toy_model(), **batch, **kwargs, teacher=teacher, **fresh_state(method))
     assert other["loss"].item() != pytest.approx(out["loss"].item())
 
 
@@ -93,3 +106,37 @@ def test_distribution_alignment_updates_its_mean_then_aligns():
     restored = DistributionAlignment(3, momentum=0.9)
     restored.load_state_dict(aligner.state_dict())
     assert torch.equal(restored.model_mean, aligner.model_mean)
+
+
+def test_self_adaptive_threshold_updates_then_thresholds():
+    sat = SelfAdaptiveThreshold(3, momentum=0.9)
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
+    out = sat(probs)
+    # From 1/C: tau_g <- 0.9/3 + 0.1 x mean max prob; p(c) <- 0.9/3 + 0.1 x mean p; histogram of argmaxes (2, 1, 0)/3.
+    tau_g = 0.9 / 3 + 0.1 * (0.8 + 0.6 + 0.7) / 3
+    class_probs = 0.9 / 3 + 0.1 * probs.mean(0)
+    assert sat.global_confidence.item() == pytest.approx(tau_g)
+    assert torch.allclose(sat.class_probs, class_probs)
+    assert torch.allclose(sat.label_hist, 0.9 / 3 + 0.1 * torch.tensor([2 / 3, 1 / 3, 0.0]))
+    assert torch.allclose(out, self_adaptive_thresholds(torch.tensor(tau_g), class_probs))
+    restored = SelfAdaptiveThreshold(3, momentum=0.9)
+    restored.load_state_dict(sat.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.buffers(), sat.buffers()))
+
+
+def test_freematch_masks_by_its_class_thresholds():
+    """A sample passes where its weak-view confidence reaches its pseudo-label's threshold."""
+    model, batch = toy_model(), toy_batch(4)
+    sat = SelfAdaptiveThreshold(3, momentum=0.5)
+    out = step("freematch", model, **batch, lambda_u=1.0, lambda_f=0.0, thresholds=sat)
+    weak = torch.softmax(model(batch["u_weak"]), 1).detach()
+    thresholds = self_adaptive_thresholds(sat.global_confidence, sat.class_probs)
+    expected = (weak.max(1).values >= thresholds[weak.argmax(1)]).float().mean()
+    assert 0 < expected < 1, "the test needs both kinds of sample to be meaningful"
+    assert out["mask_rate"].item() == pytest.approx(expected.item())
+
+
+def test_every_semisup_method_of_the_params_is_registered():
+    from lowlabel.config import SEMISUP_METHODS
+
+    assert sorted(SEMISUP_REGISTRY) == sorted(SEMISUP_METHODS)

@@ -20,7 +20,7 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0, le=1)]
 
 PRETRAIN_METHODS = ("simclr", "moco")
-SEMISUP_METHODS = ("fixmatch", "uda", "supervised")
+SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "supervised")
 # finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "finetune")
 
@@ -172,7 +172,7 @@ WeakViewTeacher = Literal["student", "ema"]
 
 
 class _UnlabeledConfig(_Section):
-    """What FixMatch and UDA share: the unlabeled batch and how its weak view is labelled."""
+    """What FixMatch, UDA and FreeMatch share: the unlabeled batch and how its weak view is labelled."""
 
     mu: PositiveInt = 7
     lambda_u: NonNegFloat = 1.0
@@ -197,6 +197,13 @@ class UDAConfig(_UnlabeledConfig):
     tsa: Literal["none", "linear", "log", "exp"] = "linear"
 
 
+class FreeMatchConfig(_UnlabeledConfig):
+    # Momentum of the self-adaptive thresholds' running means (the paper's 0.999 is tuned for
+    # 2**20 steps; at a few hundred steps it leaves the bar near its 1/C start).
+    sat_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    lambda_f: NonNegFloat = 0.01  # the fairness term's weight (USB's default)
+
+
 class RandAugmentConfig(_Section):
     num_ops: PositiveInt = 2
     magnitude: Annotated[int, Field(ge=0, le=30)] = 10
@@ -214,6 +221,7 @@ class SemisupConfig(_Section):
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
     fixmatch: FixMatchConfig = FixMatchConfig()
     uda: UDAConfig = UDAConfig()
+    freematch: FreeMatchConfig = FreeMatchConfig()
     randaugment: RandAugmentConfig = RandAugmentConfig()
 
 

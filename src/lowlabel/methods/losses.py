@@ -46,14 +46,51 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_labels(probs: torch.Tensor, threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels and the confidence mask ``max p >= threshold`` (FixMatch).
 
     Takes the weak view's class probabilities (a softmax, possibly aligned or a teacher's);
-    detached: no gradient flows through the targets.
+    detached: no gradient flows through the targets. ``threshold`` is one number, or one per
+    class (a tensor of shape (C,)): then each sample is held to its pseudo-label's threshold.
     """
     confidence, labels = probs.detach().float().max(dim=1)
+    if isinstance(threshold, torch.Tensor) and threshold.ndim == 1:
+        threshold = threshold.to(confidence)[labels]
     return labels, (confidence >= threshold).float()
+
+
+def self_adaptive_thresholds(global_confidence: torch.Tensor, class_probs: torch.Tensor) -> torch.Tensor:
+    """FreeMatch's self-adaptive thresholds (Wang et al. 2023): ``tau(c) = tau_g * p(c) / max_k p(k)``.
+
+    ``global_confidence`` (tau_g) is a running mean of the unlabeled batches' max probability and
+    ``class_probs`` a running mean of their class probabilities: the threshold follows the
+    model's confidence, and classes it predicts less (harder ones) get a lower bar.
+    """
+    return global_confidence * class_probs / class_probs.max()
+
+
+def fairness_loss(strong_logits: torch.Tensor, mask: torch.Tensor, class_probs: torch.Tensor, label_hist: torch.Tensor) -> torch.Tensor:
+    """FreeMatch's self-adaptive fairness term ``-H(SumNorm(p/h), SumNorm(p_b/h_b))``, as published.
+
+    ``p``/``h``: running means of the class probabilities and of the pseudo-label histogram;
+    ``p_b``/``h_b``: the mean probability and the argmax histogram of the strong view over the
+    masked samples of this batch; ``H(a, b) = -sum a log b``. Classes absent from a histogram
+    get scale 0 (not inf). No masked sample: 0.
+    """
+    selected = mask.bool()
+    if not selected.any():
+        return strong_logits.sum() * 0.0
+    probs = torch.softmax(strong_logits[selected].float(), dim=1)
+    batch_hist = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).float()
+    batch_hist = batch_hist / batch_hist.sum()
+
+    def normalised(p: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        scaled = p * torch.where(hist > 0, 1 / hist.clamp_min(1e-12), torch.zeros_like(hist))
+        return scaled / scaled.sum()
+
+    target = normalised(class_probs.float(), label_hist.float()).detach()
+    batch = normalised(probs.mean(dim=0), batch_hist)
+    return (target * torch.log(batch + 1e-12)).sum()
 
 
 def align_distribution(probs: torch.Tensor, model_mean: torch.Tensor, target_mean: torch.Tensor | None = None) -> torch.Tensor:

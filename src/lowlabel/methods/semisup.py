@@ -4,12 +4,14 @@ The reusable pieces live in one place: pure losses (pseudo-labelling with a conf
 threshold, masked cross-entropy, sharpening, distribution alignment) in ``losses``; here the
 weak-view target (labelled by the student or by a teacher, optionally aligned), shared by
 every method. The EMA teacher is timm's ``ModelEmaV3``, held by the training loop. A method
-maps (model, labeled batch, unlabeled views) to a dict of losses/stats.
+is a :class:`SemisupMethod`: a step mapping (model, labeled batch, unlabeled views) to a dict
+of losses/stats, and the running statistics it keeps (modules the loop checkpoints).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,7 @@ def weak_targets(
     return logits_x, aligner(probs) if aligner is not None else probs, logits_strong
 
 
-def _pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Of the unlabeled samples that pass the mask, how many have the right argmax (monitor only)."""
     known = (u_true >= 0).float()
     correct = (weak_probs.argmax(1) == u_true).float() * known
@@ -110,7 +112,7 @@ def fixmatch_step(
         "loss_sup": loss_sup.detach(),
         "loss_unsup": loss_unsup.detach(),
         "mask_rate": mask.mean(),
-        "pseudo_acc": _pseudo_accuracy(weak_probs, u_true, mask),
+        "pseudo_acc": pseudo_accuracy(weak_probs, u_true, mask),
     }
 
 
@@ -142,13 +144,36 @@ def uda_step(
         "loss_sup": loss_sup.detach(),
         "loss_unsup": loss_unsup.detach(),
         "mask_rate": mask.mean(),
-        "pseudo_acc": _pseudo_accuracy(weak_probs, u_true, mask),
+        "pseudo_acc": pseudo_accuracy(weak_probs, u_true, mask),
         "tsa_threshold": torch.tensor(eta),
     }
 
 
-SEMISUP_STEPS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
-    "supervised": supervised_step,
-    "fixmatch": fixmatch_step,
-    "uda": uda_step,
-}
+def no_state(num_classes: int, method_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
+    return {}
+
+
+def weak_view_state(num_classes: int, method_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
+    """The distribution aligner, when the method's params turn it on."""
+    if not method_kwargs.get("dist_align"):
+        return {}
+    return {"aligner": DistributionAlignment(num_classes, method_kwargs["dist_align_momentum"])}
+
+
+@dataclass(frozen=True)
+class SemisupMethod:
+    """What the training loop needs of a method.
+
+    ``make_state(num_classes, method_kwargs)`` builds the method's running statistics (e.g.
+    the aligner): the loop moves them to the device, passes each to ``step`` by its name and
+    saves their state dicts in every checkpoint, so a resumed run continues them.
+    """
+
+    step: Callable[..., dict[str, torch.Tensor]]
+    uses_unlabeled: bool
+    make_state: Callable[[int, dict[str, Any]], dict[str, nn.Module]] = no_state
+
+
+SUPERVISED = SemisupMethod(supervised_step, uses_unlabeled=False)
+FIXMATCH = SemisupMethod(fixmatch_step, uses_unlabeled=True, make_state=weak_view_state)
+UDA = SemisupMethod(uda_step, uses_unlabeled=True, make_state=weak_view_state)

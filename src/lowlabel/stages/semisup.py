@@ -1,4 +1,4 @@
-"""DVC stage ``semisup@<method>``: FixMatch or the supervised baseline as a Ray Train job."""
+"""DVC stage ``semisup@<method>``: a semi-supervised method (FixMatch, UDA, FreeMatch) or the supervised baseline as a Ray Train job."""
 
 from __future__ import annotations
 

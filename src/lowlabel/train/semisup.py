@@ -1,4 +1,4 @@
-"""Semi-supervised training loop (FixMatch, UDA, or the supervised-only baseline), per Ray worker.
+"""Semi-supervised training loop (FixMatch, UDA, FreeMatch, or the supervised-only baseline), per Ray worker.
 
 Training is counted in steps; every ``eval_every`` steps is one chunk: metrics, an EMA
 test-accuracy check and a checkpoint. Each chunk's data order is a function of
@@ -24,15 +24,11 @@ from lowlabel.data.prepared import PreparedData
 from lowlabel.data.samplers import BalancedSampler, ShardedCycleSampler
 from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features
-from lowlabel.methods import SEMISUP_STEPS
-from lowlabel.methods.semisup import DistributionAlignment
+from lowlabel.methods import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier
 from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
 from lowlabel.train.optim import build_optimizer
-
-USES_UNLABELED = {"fixmatch", "uda"}
-
 
 def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
     idx = np.asarray(data.split.test_base)
@@ -44,6 +40,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     ctx = setup_worker(config)
     data = PreparedData.load(config["data_dir"])
     method = config["method"]
+    spec = SEMISUP_REGISTRY[method]
     encoder = build_encoder(config["arch"], data.in_chans, config["width"])
     if config.get("init_encoder"):
         encoder.load_state_dict(torch.load(config["init_encoder"], map_location="cpu", weights_only=False)["state_dict"])
@@ -54,7 +51,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     labeled = np.asarray(data.split.labeled)
     labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=data.base_label(data.train_labels[labeled]), seed=config["seed"])
     unlabeled_ds = None
-    if method in USES_UNLABELED:
+    if spec.uses_unlabeled:
         strong = strong_view(size, channels, data.mean, data.std, **config["randaugment"])
         unlabeled = np.asarray(data.split.unlabeled)
         # True labels ride along for the pseudo-label accuracy monitor only.
@@ -74,11 +71,9 @@ def semisup_loop(config: dict[str, Any]) -> None:
     optimizer, schedule = build_optimizer(model_inner, steps, **config["optim"])
     ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
     logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))
-    step_fn = SEMISUP_STEPS[method]
     method_kwargs = config["method_kwargs"]
-    aligner = None
-    if method_kwargs.get("dist_align"):
-        aligner = DistributionAlignment(len(data.split.base_classes), method_kwargs["dist_align_momentum"]).to(ctx.device)
+    # Running statistics of the method (aligner, thresholds): passed to the step by name, checkpointed.
+    method_state = {key: module.to(ctx.device) for key, module in spec.make_state(len(data.split.base_classes), method_kwargs).items()}
     # The EMA model labels the weak view in eval mode (its BN running statistics), never trained.
     teacher = ema.module if method_kwargs.get("teacher") == "ema" else None
 
@@ -88,8 +83,8 @@ def semisup_loop(config: dict[str, Any]) -> None:
         model_inner.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        if aligner is not None:
-            aligner.load_state_dict(state["aligner"])
+        for key, module in method_state.items():
+            module.load_state_dict(state["method_state"][key])
         start_chunk, history = state["chunk"], state["history"]
         print_main(ctx, f"[{config['label']}] resumed from the checkpoint at step {min(steps, start_chunk * eval_every)}")
 
@@ -122,12 +117,12 @@ def semisup_loop(config: dict[str, Any]) -> None:
         for i, batches in enumerate(zip(*loaders)):
             maybe_inject_fault(config, ctx, chunk + 1, i)  # test hook; chunks play the role of epochs
             x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
-            kwargs: dict[str, Any] = {**method_kwargs, "step": first + i, "total_steps": steps, "teacher": teacher, "aligner": aligner}
+            kwargs: dict[str, Any] = {**method_kwargs, **method_state, "step": first + i, "total_steps": steps, "teacher": teacher}
             if unlabeled_ds is not None:
                 u_weak, u_strong, u_true = batches[1]
                 kwargs |= dict(u_weak=ctx.to_device(u_weak), u_strong=ctx.to_device(u_strong), u_true=u_true.to(ctx.device))
             with ctx.autocast():
-                out = step_fn(model, x, y, **kwargs)
+                out = spec.step(model, x, y, **kwargs)
             check_finite(out["loss"], chunk + 1, first + i)
             ctx.optimizer_step(out["loss"], optimizer, model_inner.parameters(), config.get("grad_clip"))
             schedule.step_update(first + i + 1)
@@ -149,7 +144,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             "model": model_inner.state_dict(),
             "ema": ema.module.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "aligner": aligner.state_dict() if aligner is not None else None,
+            "method_state": {key: module.state_dict() for key, module in method_state.items()},
             "chunk": chunk + 1,
             "history": history,
         }
