@@ -41,7 +41,11 @@ from lowlabel.env import configure_quiet_env  # noqa: E402
 configure_quiet_env()
 
 from lowlabel.config import Params, parse_params  # noqa: E402
-from lowlabel.data.prepared import channel_stats, write_prepared  # noqa: E402
+from lowlabel.data.augment import eval_view  # noqa: E402
+from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared  # noqa: E402
+from lowlabel.evaluation import extract_features  # noqa: E402
+from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
+from lowlabel.models.heads import Classifier  # noqa: E402
 from lowlabel.data.sources import load_source  # noqa: E402
 from lowlabel.data.splits import make_split  # noqa: E402
 from lowlabel.models.store import save_encoder  # noqa: E402
@@ -90,6 +94,18 @@ def train(params: Params, loop, config: dict, name: str, data_dir: Path, storage
     state = run_job(params, loop, {**common_config(params, data_dir), **config}, name, storage_path=str(storage), gpus_per_worker=gpus_per_worker)
     remove_run(str(storage), name)
     return state
+
+
+def per_class_accuracy(params: Params, ema_state: dict, data_dir: Path) -> list[float]:
+    """Each base class's test accuracy of the final EMA model (where the errors are)."""
+    data = PreparedData.load(data_dir)
+    encoder = build_encoder(params.encoder.arch, data.in_chans, params.encoder.width)
+    model = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
+    model.load_state_dict(ema_state)
+    idx = np.asarray(data.split.test_base)
+    predicted = extract_features(model, data.test_images, idx, eval_view(data.mean, data.std)).argmax(1).numpy()
+    truth = data.base_label(data.test_labels[idx])
+    return [round(float((predicted[truth == c] == c).mean()), 4) for c in range(len(data.split.base_classes))]
 
 
 def with_updates(params: Params, **sections: dict) -> Params:
@@ -188,7 +204,8 @@ def main() -> None:
         last = state["history"][-1]
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
                "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name,
-               "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc")} for h in state["history"]]}
+               "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc")} for h in state["history"]],
+               "per_class_acc": per_class_accuracy(p, state["ema"], data_dirs[n_labels, seed])}
         with lock:
             runs.append(run)
             if log:

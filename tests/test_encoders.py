@@ -39,3 +39,27 @@ def test_config_accepts_known_archs(arch):
 def test_config_rejects_unknown_archs_naming_the_field(arch):
     with pytest.raises(ConfigError, match=r"encoder\.arch.*" + arch.replace(":", ":")):
         parse_params({"encoder": {"arch": arch}})
+
+
+def test_fit_linear_head_is_the_logistic_regression_on_raw_features():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from torch import nn
+
+    from lowlabel.models.heads import fit_linear_head
+
+    g = torch.Generator().manual_seed(0)
+    labels = np.repeat(np.arange(3), 4)
+    # Features on very different scales and offsets: the fold-back of the standardisation must be exact.
+    features = torch.randn(12, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 5 + torch.from_numpy(labels)[:, None].float()
+    fc = nn.Linear(5, 3)
+    fit_linear_head(fc, features, labels)
+    x = features.double().numpy()
+    mu, sigma = x.mean(0), x.std(0) + 1e-6
+    probe = LogisticRegression(C=1.0, max_iter=1000).fit((x - mu) / sigma, labels)
+    want = probe.predict_proba((x - mu) / sigma)
+    got = torch.softmax(fc(features).double(), dim=1).detach().numpy()
+    assert np.allclose(got, want, atol=1e-4)
+    assert (got.argmax(1) == labels).mean() == 1.0
+    with pytest.raises(ValueError, match="all 3 classes"):
+        fit_linear_head(fc, features[:8], labels[:8])

@@ -109,7 +109,8 @@ def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path
 
 def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
     client, run_id = new_run(mlflow_uri)
-    config = fixmatch_config(tiny_prepared, mlflow_uri, run_id, label="test-fixmatch", ema_decay=0.99)
+    # The head starts as a logistic regression on the (random) encoder's features of the labels.
+    config = fixmatch_config(tiny_prepared, mlflow_uri, run_id, label="test-fixmatch", ema_decay=0.99) | {"head_init": "linear_probe"}
     result = run_training_job(
         semisup_loop, config, name="t-fixmatch", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray")
     )

@@ -214,6 +214,9 @@ class SemisupConfig(_Section):
     methods: list[Literal[SEMISUP_METHODS]] = Field(default_factory=lambda: ["fixmatch", "supervised"])  # type: ignore[valid-type]
     # Which encoder to start from: a pretrain method's name, or "random".
     init: str = "simclr"
+    # The classifier's start: "random" (PyTorch's default init), or "linear_probe": a logistic
+    # regression on the starting encoder's frozen features of the labeled images (LP-FT).
+    head_init: Literal["random", "linear_probe"] = "random"
     steps: PositiveInt = 500
     eval_every: PositiveInt = 100
     batch_size: PositiveInt = 32

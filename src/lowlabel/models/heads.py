@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 
@@ -30,3 +33,22 @@ class Classifier(nn.Module):
     def encoder_state(state_dict: dict) -> dict:
         """The encoder's entries of a Classifier state dict, keyed as the bare encoder's."""
         return {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+
+
+@torch.no_grad()
+def fit_linear_head(fc: nn.Linear, features: torch.Tensor, labels: np.ndarray, l2: float = 1.0) -> None:
+    """Set ``fc`` to a logistic regression on frozen features (the "LP" of LP-FT, Kumar et al. 2022).
+
+    Fitted on standardised features (L2-regularised, strength ``1/l2`` as sklearn's C; lbfgs,
+    so deterministic), then folded back to raw features: ``W' = W / sigma``,
+    ``b' = b - W' mu``. Every class must have a label (the splits guarantee it).
+    """
+    x = features.double().numpy()
+    mu, sigma = x.mean(0), x.std(0) + 1e-6
+    classes = np.arange(fc.out_features)
+    if set(np.unique(labels).tolist()) != set(classes.tolist()):
+        raise ValueError(f"fit_linear_head needs labels of all {fc.out_features} classes, got {sorted(set(np.unique(labels).tolist()))}")
+    probe = LogisticRegression(C=1.0 / l2, max_iter=1000).fit((x - mu) / sigma, labels)
+    weight = probe.coef_ / sigma
+    fc.weight.copy_(torch.from_numpy(weight))
+    fc.bias.copy_(torch.from_numpy(probe.intercept_ - weight @ mu))

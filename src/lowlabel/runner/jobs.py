@@ -102,6 +102,7 @@ def semisup_job(params: Params, method: str, init_encoder: str | None) -> tuple[
         "label": f"semisup@{method}",
         "method": method,
         "init_encoder": init_encoder,
+        "head_init": cfg.head_init,
         "steps": cfg.steps,
         "eval_every": cfg.eval_every,
         "batch_size": cfg.batch_size,

@@ -16,6 +16,7 @@ import numpy as np
 import ray.train.torch
 import torch
 from timm.utils import ModelEmaV3
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from lowlabel.data.augment import eval_view, strong_view, weak_view
@@ -26,7 +27,7 @@ from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features
 from lowlabel.methods import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
-from lowlabel.models.heads import Classifier
+from lowlabel.models.heads import Classifier, fit_linear_head
 from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
 from lowlabel.train.optim import build_optimizer
 
@@ -45,11 +46,19 @@ def semisup_loop(config: dict[str, Any]) -> None:
     if config.get("init_encoder"):
         encoder.load_state_dict(torch.load(config["init_encoder"], map_location="cpu", weights_only=False)["state_dict"])
     model_inner = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
+    labeled = np.asarray(data.split.labeled)
+    labeled_targets = data.base_label(data.train_labels[labeled])
+    if config.get("head_init", "random") == "linear_probe":
+        # BN running statistics re-estimated on the labeled images first (a random encoder's are
+        # still the init's 0/1, so its eval-mode features would not be the ones training sees);
+        # the same features and fit on every worker (deterministic), so the replicas start alike.
+        view = eval_view(data.mean, data.std)
+        update_bn([torch.stack([view(np.asarray(data.train_images[i]), 0) for i in labeled])], encoder)
+        fit_linear_head(model_inner.fc, extract_features(encoder, data.train_images, labeled, view), labeled_targets)
 
     size, channels = data.image_size, data.in_chans
     weak = weak_view(size, data.mean, data.std)
-    labeled = np.asarray(data.split.labeled)
-    labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=data.base_label(data.train_labels[labeled]), seed=config["seed"])
+    labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=labeled_targets, seed=config["seed"])
     unlabeled_ds = None
     if spec.uses_unlabeled:
         strong = strong_view(size, channels, data.mean, data.std, **config["randaugment"])
