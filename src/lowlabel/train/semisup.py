@@ -31,6 +31,7 @@ from lowlabel.models.heads import Classifier, fit_linear_head
 from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
 from lowlabel.train.optim import build_optimizer
 
+
 def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
     idx = np.asarray(data.split.test_base)
     logits = extract_features(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
