@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.distributed import all_reduce_mean
 from lowlabel.methods.losses import fairness_loss, masked_cross_entropy, pseudo_labels, self_adaptive_thresholds
-from lowlabel.methods.semisup import SemisupMethod, pseudo_accuracy, weak_targets, weak_view_state
+from lowlabel.methods.semisup import SemisupMethod, unlabeled_report, update_running_mean_, weak_targets, weak_view_state
 
 
 class SelfAdaptiveThreshold(nn.Module):
@@ -38,9 +37,8 @@ class SelfAdaptiveThreshold(nn.Module):
         probs = probs.float()
         confidence, labels = probs.max(dim=1)
         hist = torch.bincount(labels, minlength=probs.shape[1]).float() / len(labels)
-        # Workers hold equal batches, so the mean of their means is the union's mean.
-        for buffer, batch in ((self.global_confidence, confidence.mean()), (self.class_probs, probs.mean(0)), (self.label_hist, hist)):
-            buffer.mul_(self.momentum).add_(all_reduce_mean(batch), alpha=1 - self.momentum)
+        for running, batch in ((self.global_confidence, confidence.mean()), (self.class_probs, probs.mean(0)), (self.label_hist, hist)):
+            update_running_mean_(running, batch, self.momentum)
         return self_adaptive_thresholds(self.global_confidence, self.class_probs)
 
 
@@ -72,11 +70,8 @@ def freematch_step(
     loss_fair = fairness_loss(logits_strong, mask, thresholds.class_probs, thresholds.label_hist)
     return {
         "loss": loss_sup + lambda_u * loss_unsup + lambda_f * loss_fair,
-        "loss_sup": loss_sup.detach(),
-        "loss_unsup": loss_unsup.detach(),
+        **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true),
         "loss_fair": loss_fair.detach(),
-        "mask_rate": mask.mean(),
-        "pseudo_acc": pseudo_accuracy(weak_probs, u_true, mask),
         "threshold_mean": class_thresholds.mean(),
     }
 

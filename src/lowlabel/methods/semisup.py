@@ -28,6 +28,15 @@ from lowlabel.methods.losses import (
 )
 
 
+@torch.no_grad()
+def update_running_mean_(running: torch.Tensor, batch_value: torch.Tensor, momentum: float) -> None:
+    """``running <- momentum * running + (1 - momentum) * mean over workers of batch_value``.
+
+    Workers hold equal batches, so the mean of their batch means is the union's mean: every
+    worker keeps the same running statistic."""
+    running.mul_(momentum).add_(all_reduce_mean(batch_value), alpha=1 - momentum)
+
+
 class DistributionAlignment(nn.Module):
     """The running mean of the model's predictions on unlabeled data, and the alignment of
     each batch's weak-view probabilities by it (towards a uniform prior: the base classes are
@@ -42,8 +51,7 @@ class DistributionAlignment(nn.Module):
 
     @torch.no_grad()
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        batch_mean = all_reduce_mean(probs.float().mean(dim=0))
-        self.model_mean.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        update_running_mean_(self.model_mean, probs.float().mean(dim=0), self.momentum)
         return align_distribution(probs, self.model_mean)
 
 
@@ -78,11 +86,23 @@ def weak_targets(
     return logits_x, aligner(probs) if aligner is not None else probs, logits_strong
 
 
-def pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Of the unlabeled samples that pass the mask, how many have the right argmax (monitor only)."""
     known = (u_true >= 0).float()
     correct = (weak_probs.argmax(1) == u_true).float() * known
     return (correct * mask).sum() / (mask * known).sum().clamp(min=1)
+
+
+def unlabeled_report(
+    loss_sup: torch.Tensor, loss_unsup: torch.Tensor, mask: torch.Tensor, weak_probs: torch.Tensor, u_true: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The stats every method with unlabeled data logs (beside its ``loss``)."""
+    return {
+        "loss_sup": loss_sup.detach(),
+        "loss_unsup": loss_unsup.detach(),
+        "mask_rate": mask.mean(),
+        "pseudo_acc": _pseudo_accuracy(weak_probs, u_true, mask),
+    }
 
 
 def fixmatch_step(
@@ -107,13 +127,7 @@ def fixmatch_step(
     loss_sup = F.cross_entropy(logits_x, y)
     targets, mask = pseudo_labels(weak_probs, threshold)
     loss_unsup = masked_cross_entropy(logits_strong, targets, mask)
-    return {
-        "loss": loss_sup + lambda_u * loss_unsup,
-        "loss_sup": loss_sup.detach(),
-        "loss_unsup": loss_unsup.detach(),
-        "mask_rate": mask.mean(),
-        "pseudo_acc": pseudo_accuracy(weak_probs, u_true, mask),
-    }
+    return {"loss": loss_sup + lambda_u * loss_unsup, **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true)}
 
 
 def uda_step(
@@ -141,10 +155,7 @@ def uda_step(
     loss_unsup, mask = kl_consistency(weak_probs, logits_strong, temperature, threshold)
     return {
         "loss": loss_sup + lambda_u * loss_unsup,
-        "loss_sup": loss_sup.detach(),
-        "loss_unsup": loss_unsup.detach(),
-        "mask_rate": mask.mean(),
-        "pseudo_acc": pseudo_accuracy(weak_probs, u_true, mask),
+        **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true),
         "tsa_threshold": torch.tensor(eta),
     }
 
