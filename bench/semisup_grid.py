@@ -41,19 +41,17 @@ from lowlabel.env import configure_quiet_env  # noqa: E402
 configure_quiet_env()
 
 from lowlabel.config import Params, parse_params  # noqa: E402
-from lowlabel.data.augment import eval_view  # noqa: E402
 from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared  # noqa: E402
-from lowlabel.evaluation import extract_features  # noqa: E402
-from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
-from lowlabel.models.heads import Classifier  # noqa: E402
 from lowlabel.data.sources import load_source  # noqa: E402
 from lowlabel.data.splits import make_split  # noqa: E402
+from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
+from lowlabel.models.heads import Classifier  # noqa: E402
 from lowlabel.models.store import save_encoder  # noqa: E402
 from lowlabel.presets import set_param  # noqa: E402
 from lowlabel.runner.jobs import common_config, pretrain_job, run_job, semisup_job  # noqa: E402
 from lowlabel.runner.launch import cluster_address, ensure_ray, remove_run  # noqa: E402
 from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
-from lowlabel.train.semisup import semisup_loop  # noqa: E402
+from lowlabel.train.semisup import semisup_loop, test_predictions  # noqa: E402
 
 
 def load_base_arrays(params: Params, npz: str | None, cap: int | None) -> dict[str, np.ndarray]:
@@ -102,9 +100,7 @@ def per_class_accuracy(params: Params, ema_state: dict, data_dir: Path) -> list[
     encoder = build_encoder(params.encoder.arch, data.in_chans, params.encoder.width)
     model = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
     model.load_state_dict(ema_state)
-    idx = np.asarray(data.split.test_base)
-    predicted = extract_features(model, data.test_images, idx, eval_view(data.mean, data.std)).argmax(1).numpy()
-    truth = data.base_label(data.test_labels[idx])
+    predicted, truth = test_predictions(model, data)
     return [round(float((predicted[truth == c] == c).mean()), 4) for c in range(len(data.split.base_classes))]
 
 

@@ -32,10 +32,18 @@ from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_s
 from lowlabel.train.optim import build_optimizer
 
 
-def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
+def test_predictions(
+    model: torch.nn.Module, data: PreparedData, device: torch.device | str = "cpu", channels_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) base labels of the base-class test images."""
     idx = np.asarray(data.split.test_base)
     logits = extract_features(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
-    return (logits.argmax(1).numpy() == data.base_label(data.test_labels[idx])).mean().item()
+    return logits.argmax(1).numpy(), data.base_label(data.test_labels[idx])
+
+
+def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
+    predicted, truth = test_predictions(model, data, device, channels_last)
+    return (predicted == truth).mean().item()
 
 
 def semisup_loop(config: dict[str, Any]) -> None:
