@@ -200,7 +200,7 @@ def main() -> None:
         last = state["history"][-1]
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
                "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name,
-               "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc")} for h in state["history"]],
+               "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc", "pseudo_balance")} for h in state["history"]],
                "per_class_acc": per_class_accuracy(p, state["ema"], data_dirs[n_labels, seed])}
         with lock:
             runs.append(run)

@@ -117,9 +117,9 @@ def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, 
     state = final_state(result)
     assert [h["step"] for h in state["history"]] == [3, 6]
     last = state["history"][-1]
-    for key in ("loss_sup", "loss_unsup", "mask_rate", "pseudo_acc", "test_acc", "test_acc_ema"):
+    for key in ("loss_sup", "loss_unsup", "mask_rate", "pseudo_acc", "pseudo_balance", "test_acc", "test_acc_ema"):
         assert key in last
-    assert 0 <= last["mask_rate"] <= 1
+    assert 0 <= last["mask_rate"] <= 1 and 0 <= last["pseudo_balance"] <= 1
     assert set(state["ema"]) == set(state["model"])
     assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
     assert sorted(m.step for m in client.get_metric_history(run_id, "test_acc_ema")) == [3, 6]

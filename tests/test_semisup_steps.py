@@ -9,7 +9,7 @@ from torch import nn
 from lowlabel.methods import SEMISUP_REGISTRY
 from lowlabel.methods.freematch import SelfAdaptiveThreshold
 from lowlabel.methods.losses import align_distribution, self_adaptive_thresholds
-from lowlabel.methods.semisup import DistributionAlignment
+from lowlabel.methods.semisup import DistributionAlignment, prediction_balance
 
 UNLABELED_METHODS = ["fixmatch", "uda", "freematch"]
 
@@ -134,6 +134,15 @@ def test_freematch_masks_by_its_class_thresholds():
     expected = (weak.max(1).values >= thresholds[weak.argmax(1)]).float().mean()
     assert 0 < expected < 1, "the test needs both kinds of sample to be meaningful"
     assert out["mask_rate"].item() == pytest.approx(expected.item())
+
+
+def test_prediction_balance_is_the_least_predicted_class_share_times_classes():
+    def onehot_probs(labels):
+        return torch.nn.functional.one_hot(torch.tensor(labels), 3).float() * 0.7 + 0.1
+    # argmax counts 2, 1, 1 of 4: the rarest class has a quarter, 3/4 of its balanced third.
+    assert prediction_balance(onehot_probs([0, 0, 1, 2])).item() == pytest.approx(3 * 1 / 4)
+    assert prediction_balance(onehot_probs([0, 1, 2, 2, 1, 0])).item() == pytest.approx(1.0)
+    assert prediction_balance(onehot_probs([0, 1, 1, 0])).item() == 0.0  # class 2 collapsed
 
 
 def test_every_semisup_method_of_the_params_is_registered():

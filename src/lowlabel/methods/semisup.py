@@ -93,6 +93,16 @@ def _pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch
     return (correct * mask).sum() / (mask * known).sum().clamp(min=1)
 
 
+def prediction_balance(weak_probs: torch.Tensor) -> torch.Tensor:
+    """``C * (share of the least-predicted class)`` among the weak view's argmax labels (monitor
+    only): 1 when every class is predicted equally often (the base classes are balanced), 0 when
+    a class is never predicted. Class collapse, the confirmation bias of training on one's own
+    pseudo-labels, shows here before it shows in test accuracy."""
+    num_classes = weak_probs.shape[1]
+    counts = torch.bincount(weak_probs.argmax(1), minlength=num_classes).float()
+    return num_classes * counts.min() / counts.sum().clamp(min=1)
+
+
 def unlabeled_report(
     loss_sup: torch.Tensor, loss_unsup: torch.Tensor, mask: torch.Tensor, weak_probs: torch.Tensor, u_true: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -102,6 +112,7 @@ def unlabeled_report(
         "loss_unsup": loss_unsup.detach(),
         "mask_rate": mask.mean(),
         "pseudo_acc": _pseudo_accuracy(weak_probs, u_true, mask),
+        "pseudo_balance": prediction_balance(weak_probs),
     }
 
 

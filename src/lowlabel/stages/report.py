@@ -79,11 +79,12 @@ def markdown(metrics: dict, params: Params, deltas: dict[str, float]) -> str:
     for method, m in metrics["pretrain"].items():
         init = f"{m['knn_acc_init'] * 100:.1f}" if m.get("knn_acc_init") is not None else "–"
         lines.append(f"| {method} | {m['loss']:.3f} | {init} | {m['knn_acc'] * 100:.1f} | {m['images_per_s']:.0f} |")
-    lines += ["", "## Semi-supervised (base-class test accuracy, %)", "", "| method | init | steps | raw | EMA | mask rate | pseudo-label acc |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Semi-supervised (base-class test accuracy, %)", "", "| method | init | steps | raw | EMA | mask rate | pseudo-label acc | class balance |", "|---|---|---|---|---|---|---|---|"]
     for method, m in metrics["semisup"].items():
         mask = f"{m['mask_rate'] * 100:.1f}" if "mask_rate" in m else "–"
         pseudo = f"{m['pseudo_acc'] * 100:.1f}" if "pseudo_acc" in m else "–"
-        lines.append(f"| {method} | {m['init']} | {m['steps']} | {m['test_acc'] * 100:.1f} | {m['test_acc_ema'] * 100:.1f} | {mask} | {pseudo} |")
+        balance = f"{m['pseudo_balance']:.2f}" if "pseudo_balance" in m else "–"
+        lines.append(f"| {method} | {m['init']} | {m['steps']} | {m['test_acc'] * 100:.1f} | {m['test_acc_ema'] * 100:.1f} | {mask} | {pseudo} | {balance} |")
     lines += ["", "## Margins (accuracy points; the pipeline's claims hold where positive)", ""]
     lines += [f"- {name}: {value:+.1f}" for name, value in deltas.items()]
     return "\n".join(lines) + "\n"

@@ -55,7 +55,7 @@ def semisup(params: Params, method: str) -> dict:
             "steps": last["step"],
             "init": cfg.init,
         }
-        for key in ("mask_rate", "pseudo_acc", "loss_sup", "loss_unsup"):
+        for key in ("mask_rate", "pseudo_acc", "pseudo_balance", "loss_sup", "loss_unsup"):
             if key in last:
                 metrics[key] = last[key]
         # The EMA weights are the ones evaluated, so they are the ones handed on.
