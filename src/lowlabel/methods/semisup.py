@@ -97,7 +97,7 @@ def prediction_balance(weak_probs: torch.Tensor) -> torch.Tensor:
     """``C * (share of the least-predicted class)`` among the weak view's argmax labels (monitor
     only): 1 when every class is predicted equally often (the base classes are balanced), 0 when
     a class is never predicted. Class collapse, the confirmation bias of training on one's own
-    pseudo-labels, shows here before it shows in test accuracy."""
+    pseudo-labels, shows here without any label, where overall accuracy hides which class went."""
     num_classes = weak_probs.shape[1]
     counts = torch.bincount(weak_probs.argmax(1), minlength=num_classes).float()
     return num_classes * counts.min() / counts.sum().clamp(min=1)
