@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.methods.losses import fairness_loss, masked_cross_entropy, pseudo_labels, self_adaptive_thresholds
-from lowlabel.methods.semisup import SemisupMethod, unlabeled_report, update_running_mean_, weak_targets, weak_view_state
+from lowlabel.methods.semisup import (
+    SemisupMethod,
+    prediction_shares,
+    unlabeled_report,
+    update_running_mean_,
+    weak_targets,
+    weak_view_state,
+)
 
 
 class SelfAdaptiveThreshold(nn.Module):
@@ -35,8 +42,8 @@ class SelfAdaptiveThreshold(nn.Module):
     @torch.no_grad()
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         probs = probs.float()
-        confidence, labels = probs.max(dim=1)
-        hist = torch.bincount(labels, minlength=probs.shape[1]).float() / len(labels)
+        confidence = probs.max(dim=1).values
+        hist = prediction_shares(probs)
         for running, batch in ((self.global_confidence, confidence.mean()), (self.class_probs, probs.mean(0)), (self.label_hist, hist)):
             update_running_mean_(running, batch, self.momentum)
         return self_adaptive_thresholds(self.global_confidence, self.class_probs)

@@ -93,14 +93,19 @@ def _pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch
     return (correct * mask).sum() / (mask * known).sum().clamp(min=1)
 
 
+def prediction_shares(probs: torch.Tensor) -> torch.Tensor:
+    """Each class's share of the batch's argmax labels, shape (C,)."""
+    counts = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).float()
+    return counts / counts.sum().clamp(min=1)
+
+
 def prediction_balance(weak_probs: torch.Tensor) -> torch.Tensor:
     """``C * (share of the least-predicted class)`` among the weak view's argmax labels (monitor
     only): 1 when every class is predicted equally often (the base classes are balanced), 0 when
     a class is never predicted. Class collapse, the confirmation bias of training on one's own
     pseudo-labels, shows here without any label, where overall accuracy hides which class went."""
-    num_classes = weak_probs.shape[1]
-    counts = torch.bincount(weak_probs.argmax(1), minlength=num_classes).float()
-    return num_classes * counts.min() / counts.sum().clamp(min=1)
+    shares = prediction_shares(weak_probs)
+    return shares.numel() * shares.min()
 
 
 def unlabeled_report(
