@@ -31,7 +31,7 @@ def ray_local(tmp_path_factory):
 def common(tiny_prepared, mlflow_uri, run_id):
     return {
         "seed": 0,
-        "data_dir": str(tiny_prepared),
+        "data": str(tiny_prepared),
         "arch": "conv4",
         "width": 8,
         "loader_workers": 0,

@@ -1,7 +1,8 @@
 """Process environment that keeps the stack quiet and offline-safe.
 
 Set before the libraries are imported: albumentations calls the network at import, Ray
-enables token auth and usage stats, MLflow and DVC send telemetry. Values the user already
+sends usage stats, MLflow and DVC send telemetry. Ray's token auth is left as Ray sets it (on
+for a local Ray from 2.59): a laptop's embedded Ray must not take jobs from the network. Values the user already
 set win (``setdefault``), so a cluster can still opt in.
 """
 
@@ -12,7 +13,6 @@ import os
 QUIET_ENV: dict[str, str] = {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "DVC_NO_ANALYTICS": "1",

@@ -29,7 +29,9 @@ def save_encoder(path: Path, state_dict: dict[str, torch.Tensor], *, arch: str, 
 
 def load_encoder(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the encoder saved at ``path``; returns (module in eval mode, metadata)."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+    # weights_only: encoder files are exchanged, pushed to remotes and downloaded from MLflow;
+    # loading one must never run code.
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
     encoder = build_encoder(blob["arch"], blob["in_chans"], blob["width"])
     encoder.load_state_dict(blob["state_dict"])
     meta = {k: v for k, v in blob.items() if k != "state_dict"}

@@ -60,7 +60,8 @@ def common_config(params: Params, data_dir: str | Path, tracking_uri: str | None
     rt = params.runtime
     return {
         "seed": params.seed,
-        "data_dir": str(Path(data_dir).resolve()),
+        # A driver-side folder: run_training_job ships its contents to the workers.
+        "data": str(Path(data_dir).resolve()),
         "arch": params.encoder.arch,
         "width": params.encoder.width,
         "loader_workers": rt.loader_workers,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -17,15 +16,24 @@ from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lowlabel.env import configure_quiet_env
+from lowlabel.runner.inputs import inputs_nbytes, ship_inputs
+from lowlabel.runner.metrics_sink import metrics_sink
+from lowlabel.runner.storage import Storage, StorageError  # noqa: F401  (StorageError: re-exported for stages)
 
 log = logging.getLogger(__name__)
 
-# Small object store: these jobs pass no data through it, and the box has 2 cores / 24 GiB.
+# Local object store: at least this, else twice the job's inputs (they travel through it).
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+CHECKPOINTS_KEPT = 2
+# The standard AWS variables pyarrow's S3 filesystem reads (endpoint, credentials, region).
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION",
+)
 
 
 class ClusterError(RuntimeError):
@@ -52,13 +60,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"cannot reach the Ray cluster at RAY_ADDRESS/runtime.ray_address={address!r}: {error}") from None
 
 
-def ensure_ray(address: str | None, local_num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None, local_num_cpus: int | None = None, object_store_bytes: int = 0) -> None:
     """Connect to the named cluster, or start a local one sized for this machine."""
     if ray.is_initialized():
         return
     env_vars = configure_quiet_env()
     src_dir = str(Path(__file__).resolve().parents[2])
-    runtime_env = {"env_vars": {**env_vars, "PYTHONPATH": os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))}}
+    # Workers on other nodes reach runtime.storage_path with the driver's endpoint and
+    # credentials (nodes with an instance role need none: then none are set here).
+    storage_env = {key: os.environ[key] for key in STORAGE_ENV if os.environ.get(key)}
+    runtime_env = {"env_vars": {**env_vars, **storage_env, "PYTHONPATH": os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))}}
     if address:
         check_reachable(address)
         try:
@@ -69,7 +80,7 @@ def ensure_ray(address: str | None, local_num_cpus: int | None = None) -> None:
     temp_dir = os.environ.get("LOWLABEL_RAY_TMP") or os.path.join(tempfile.gettempdir(), "lowlabel-ray")
     ray.init(
         num_cpus=local_num_cpus or os.cpu_count(),
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        object_store_memory=max(LOCAL_OBJECT_STORE_BYTES, 2 * object_store_bytes + 64 * 1024**2),
         runtime_env=runtime_env,
         _temp_dir=temp_dir,
         log_to_driver=True,
@@ -116,34 +127,24 @@ def check_resources(workers: int, cpus_per_worker: float, use_gpu: bool) -> None
         )
 
 
-def check_storage(storage_path: str) -> None:
-    """A local storage path only works when every worker runs on this one machine."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    hosts = {n.get("NodeManagerAddress") for n in nodes}
-    if "://" not in storage_path and len(hosts) > 1:
-        raise ClusterError(
-            f"runtime.storage_path={storage_path!r} is a local path but the cluster has {len(hosts)} hosts; "
-            "use shared storage (s3://..., gs://..., or a filesystem mounted on every node)"
-        )
+def latest_checkpoint(storage: Storage, name: str, state_file: str = "state.pt") -> ray.train.Checkpoint | None:
+    """The newest complete checkpoint a previous (killed or failed) run left under ``name``.
 
-
-def latest_checkpoint(run_dir: Path, state_file: str = "state.pt") -> Path | None:
-    """The newest complete checkpoint a previous (killed or failed) run left in ``run_dir``.
-
-    Ray names checkpoint folders by timestamp; one without a loadable state file (the run was
-    killed while writing it) is passed over for the one before.
+    Ray names checkpoint folders by timestamp; one whose state file does not load (the run was
+    killed while writing it) is passed over for the one before. Loaded with ``weights_only``:
+    anyone who can write to shared storage must not get code run on the driver.
     """
-    if not run_dir.is_dir():
-        return None
+    import io
+
     import torch
 
-    for folder in sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True):
+    for folder in reversed(storage.checkpoints(name)):
         try:
-            torch.load(folder / state_file, map_location="cpu", weights_only=False)
+            torch.load(io.BytesIO(storage.read_bytes(f"{folder}/{state_file}")), map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - any unreadable file means an incomplete checkpoint
             log.warning("skipping incomplete checkpoint %s", folder)
             continue
-        return folder
+        return ray.train.Checkpoint(folder, filesystem=None if storage.is_local else storage.filesystem)
     return None
 
 
@@ -170,38 +171,42 @@ def run_training_job(
     name resumes from its latest complete one (the loop reads ``ray.train.get_checkpoint()``),
     so a killed stage loses at most the epoch in progress.
     """
-    ensure_ray(cluster_address(ray_address), local_num_cpus)
+    ensure_ray(cluster_address(ray_address), local_num_cpus, object_store_bytes=inputs_nbytes(config))
     gpu = resolve_use_gpu(use_gpu)
     workers = resolve_workers(workers, cpus_per_worker, gpu, gpus_per_worker)
     check_resources(workers, cpus_per_worker, gpu)
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).resolve())
-    check_storage(storage_path)
+    storage = Storage.parse(storage_path)
+    storage.check_writable()
+    storage.check_visible_from_nodes()
     # A fraction < 1 lets several small jobs share one GPU (benchmark grids); stages use 1.
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpu else {})
     # Ray Train V2 neither resumes a re-run by itself nor keeps `resume_from_checkpoint`
-    # (deprecated): the loop gets the folder through its config and loads it when Ray has
+    # (deprecated): the loop gets the checkpoint through its config and loads it when Ray has
     # no newer checkpoint of this job (ray.train.get_checkpoint() after a worker restart).
-    resume = latest_checkpoint(Path(storage_path) / name) if "://" not in storage_path else None
+    resume = latest_checkpoint(storage, name)
     if resume is not None:
-        print(f"[{name}] resuming from {resume}", flush=True)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={**config, "use_gpu": gpu, "resume_dir": str(resume) if resume else None},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
-            # Ray Train's per-report INFO lines drown the stage's own progress lines.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    return trainer.fit()
+        print(f"[{name}] resuming from {resume.path}", flush=True)
+    config, shipped = ship_inputs(config)
+    print(f"[{name}] inputs: {shipped / 1e6:.1f} MB through the object store; checkpoints: {storage.uri}", flush=True)
+    with metrics_sink(config.get("tracking_uri"), config.get("run_id")) as sink:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={**config, "use_gpu": gpu, "resume_from": resume, "metrics_sink": sink, "inputs_bytes": shipped},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=name,
+                **storage.run_config(),
+                failure_config=FailureConfig(max_failures=max_failures),
+                # The newest two: the one a resume reads, and the one before in case the newest
+                # was cut off mid-write. A 1000-epoch run no longer fills the disk.
+                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                # Ray Train's per-report INFO lines drown the stage's own progress lines.
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        return trainer.fit()
 
 
 def remove_run(storage_path: str, name: str) -> None:
-    """Drop a finished run's checkpoints: its outputs now live in the stage's DVC outs."""
-    if "://" in storage_path:
-        return
-    shutil.rmtree(Path(storage_path).resolve() / name, ignore_errors=True)
+    """Drop a finished run's checkpoints (called once its outputs are safely written)."""
+    Storage.parse(storage_path).remove_run(name)

@@ -89,17 +89,20 @@ def read_state(checkpoint: str | Path | ray.train.Checkpoint) -> dict[str, Any]:
     if isinstance(checkpoint, ray.train.Checkpoint):
         with checkpoint.as_directory() as directory:
             return read_state(directory)
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    # weights_only: the state is tensors, dicts, lists and numbers; a checkpoint on shared
+    # storage must not be a way to run code in the job.
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def load_state(config: dict[str, Any]) -> dict[str, Any] | None:
     """The state to continue from: this job's latest checkpoint after a worker restart, else the
-    previous run's newest complete checkpoint (``config["resume_dir"]``), else None."""
+    previous run's newest complete checkpoint (``config["resume_from"]``, a Ray Checkpoint on
+    the job's storage), else None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         return read_state(checkpoint)
-    if config.get("resume_dir"):
-        return read_state(config["resume_dir"])
+    if config.get("resume_from") is not None:
+        return read_state(config["resume_from"])
     return None
 
 
@@ -114,24 +117,16 @@ def report(ctx: WorkerContext, metrics: dict[str, float], state: dict[str, Any] 
 
 
 class MetricsLogger:
-    """Rank-0 MLflow logging to the stage's run (opened by the driver)."""
+    """Rank-0 metrics to the stage's MLflow run, through the job's metrics sink (see
+    lowlabel.runner.metrics_sink: the worker may be on a node that cannot reach the tracker)."""
 
-    def __init__(self, ctx: WorkerContext, tracking_uri: str | None, run_id: str | None) -> None:
-        self.client = None
-        self.run_id = run_id
-        if ctx.is_main and tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
+    def __init__(self, ctx: WorkerContext, config: dict[str, Any]) -> None:
+        from lowlabel.runner.metrics_sink import SinkClient
 
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = SinkClient(config.get("metrics_sink") if ctx.is_main else None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if math.isfinite(float(value))]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.log(metrics, step)
 
 
 @dataclass

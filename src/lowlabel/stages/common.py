@@ -24,6 +24,7 @@ from lowlabel.data.sources import DataSourceError  # noqa: E402
 from lowlabel.data.splits import SplitError  # noqa: E402
 from lowlabel.runner.jobs import JobError  # noqa: E402
 from lowlabel.runner.launch import ClusterError  # noqa: E402
+from lowlabel.runner.storage import StorageError  # noqa: E402
 from lowlabel.tracking import TAG_DVC_STAGE, TAG_METHOD, TAG_STAGE, resolve_tracking_uri, stage_run  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
@@ -40,7 +41,7 @@ class StageError(RuntimeError):
 
 
 # Problems with the user's input or setup: shown as one clear line, no traceback.
-USER_ERRORS = (ConfigError, StageError, JobError, DataSourceError, SplitError, PreparedDataError, ClusterError, ConnectionError)
+USER_ERRORS = (ConfigError, StageError, JobError, DataSourceError, SplitError, PreparedDataError, ClusterError, StorageError, ConnectionError)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -81,7 +82,8 @@ def tracked_run(params: Params, *, stage: str, method: str, dvc_stage: str, sect
 
 
 def _terminate(signum, frame):  # noqa: ARG001
-    # SIGTERM (dvc/ray killing us) unwinds like Ctrl-C, so MLflow runs are closed as FAILED.
+    # SIGTERM (dvc/ray killing us) and SIGHUP (the ssh session of `ray submit` dropped) unwind
+    # like Ctrl-C, so MLflow runs are closed as FAILED; checkpoints stay for the re-run.
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
@@ -93,6 +95,7 @@ def stage_main(description: str, run: Callable[[Params, argparse.Namespace], Non
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         params = load_params(args.params)
         run(params, args)
@@ -125,28 +128,33 @@ def _diverged(error: BaseException, name: str) -> StageError | None:
     return StageError(f"{name}: {found.group(1)}") if found else None
 
 
-def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config: dict[str, Any], name: str) -> dict[str, Any]:
-    """Run ``loop`` as a Ray Train job and return the state of its final checkpoint.
+def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:
+    """Run ``loop`` as a Ray Train job; (the state of its final checkpoint, the Ray run name).
 
-    The MLflow run must be active: its id goes to the workers, whose rank 0 logs metrics.
+    The MLflow run must be active: its id goes to the job's metrics sink. The run's checkpoints
+    stay until the stage has written its outputs (:func:`drop_checkpoints`), so a failure
+    while writing them (a full disk, a tracker outage) costs no training: a re-run resumes.
     """
     import mlflow
 
     from lowlabel.runner.jobs import common_config, run_job
-    from lowlabel.runner.launch import remove_run
 
     if params.runtime.workers == "auto":
         params, name = resolve_auto_workers(params, name)
-    rt = params.runtime
     run = mlflow.active_run()
     config = {**config, **common_config(params, PREPARED_DIR, mlflow.get_tracking_uri(), run.info.run_id if run else None)}
     try:
         state = run_job(params, loop, config, name)
     except Exception as error:
         raise _diverged(error, name) or error
-    # Outputs now live in DVC outs; drop the run's checkpoints so a re-run starts afresh.
-    remove_run(rt.storage_path, name)
-    return state
+    return state, name
+
+
+def drop_checkpoints(params: Params, name: str) -> None:
+    """Once a stage's outputs are written: its Ray run's checkpoints go (a re-run starts afresh)."""
+    from lowlabel.runner.launch import remove_run
+
+    remove_run(params.runtime.storage_path, name)
 
 
 def publish_training_outputs(

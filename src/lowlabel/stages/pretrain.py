@@ -8,7 +8,7 @@ from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData
 from lowlabel.models.store import ENCODER_FILE, save_encoder
 from lowlabel.runner.jobs import pretrain_job
-from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, publish_training_outputs, stage_main, tracked_run, train_in_ray
+from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, drop_checkpoints, publish_training_outputs, stage_main, tracked_run, train_in_ray
 from lowlabel.train.pretrain import pretrain_loop
 
 
@@ -18,7 +18,7 @@ def pretrain(params: Params, method: str) -> dict:
     dvc_stage = f"pretrain@{method}"
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:
         config, name = pretrain_job(params, method, len(data.split.pretrain))
-        state = train_in_ray(params, pretrain_loop, config, name)
+        state, ray_run = train_in_ray(params, pretrain_loop, config, name)
         history = state["history"]
         last = history[-1]
         knn = [h for h in history if "knn_acc" in h]
@@ -34,6 +34,7 @@ def pretrain(params: Params, method: str) -> dict:
             image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
         )
         publish_training_outputs("pretrain", method, metrics, history, out, data.in_chans, data.image_size)
+        drop_checkpoints(params, ray_run)
     return metrics
 
 

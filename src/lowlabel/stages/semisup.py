@@ -14,6 +14,7 @@ from lowlabel.stages.common import (
     MODELS_DIR,
     PREPARED_DIR,
     StageError,
+    drop_checkpoints,
     publish_training_outputs,
     stage_main,
     tracked_run,
@@ -31,7 +32,7 @@ def init_encoder(params: Params) -> tuple[str | None, str]:
     path = MODELS_DIR / "pretrain" / params.semisup.init / ENCODER_FILE
     if not path.is_file():
         raise StageError(f"semisup.init={params.semisup.init!r} but {path} does not exist; run `dvc repro pretrain@{params.semisup.init}` first")
-    meta = torch.load(path, map_location="cpu", weights_only=False)
+    meta = torch.load(path, map_location="cpu", weights_only=True)
     return str(path.resolve()), meta.get("mlflow_run_id", "")
 
 
@@ -45,7 +46,7 @@ def semisup(params: Params, method: str) -> dict:
         params, stage="semisup", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "semisup"), tags=tags
     ) as run:
         config, name = semisup_job(params, method, init_path)
-        state = train_in_ray(params, semisup_loop, config, name)
+        state, ray_run = train_in_ray(params, semisup_loop, config, name)
         history = state["history"]
         last = history[-1]
         metrics = {
@@ -67,6 +68,7 @@ def semisup(params: Params, method: str) -> dict:
         )
         atomic_torch_save(state["ema"], out.with_name("classifier_ema.pt"))
         publish_training_outputs("semisup", method, metrics, history, out, data.in_chans, data.image_size)
+        drop_checkpoints(params, ray_run)
     return metrics
 
 

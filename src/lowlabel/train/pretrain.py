@@ -22,6 +22,7 @@ from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.methods import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
+from lowlabel.runner.inputs import open_data, open_init_encoder
 from lowlabel.runner.worker import (
     MetricsLogger,
     Progress,
@@ -46,7 +47,7 @@ def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData
 
 def pretrain_loop(config: dict[str, Any]) -> None:
     ctx = setup_worker(config)
-    data = PreparedData.load(config["data_dir"])
+    data = open_data(config["data"])
     encoder = build_encoder(config["arch"], data.in_chans, config["width"])
     method = PRETRAIN_METHODS[config["method"]](encoder, feature_dim(encoder, data.in_chans, data.image_size), **config["method_kwargs"])
 
@@ -69,7 +70,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         method.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(method)  # DDP when world > 1; `method` stays the inner module
     optimizer, schedule = build_optimizer(method, total_steps, **config["optim"])
-    logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))
+    logger = MetricsLogger(ctx, config)
 
     start_epoch, history = 0, []
     state = load_state(config)

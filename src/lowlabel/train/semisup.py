@@ -28,6 +28,7 @@ from lowlabel.evaluation import extract_features
 from lowlabel.methods import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier, fit_linear_head
+from lowlabel.runner.inputs import open_data, open_init_encoder
 from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
 from lowlabel.train.optim import build_optimizer
 
@@ -48,12 +49,13 @@ def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.devi
 
 def semisup_loop(config: dict[str, Any]) -> None:
     ctx = setup_worker(config)
-    data = PreparedData.load(config["data_dir"])
+    data = open_data(config["data"])
     method = config["method"]
     spec = SEMISUP_REGISTRY[method]
     encoder = build_encoder(config["arch"], data.in_chans, config["width"])
-    if config.get("init_encoder"):
-        encoder.load_state_dict(torch.load(config["init_encoder"], map_location="cpu", weights_only=False)["state_dict"])
+    init_state = open_init_encoder(config.get("init_encoder"))
+    if init_state is not None:
+        encoder.load_state_dict(init_state)
     model_inner = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
     labeled = np.asarray(data.split.labeled)
     labeled_targets = data.base_label(data.train_labels[labeled])
@@ -88,7 +90,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model_inner)
     optimizer, schedule = build_optimizer(model_inner, steps, **config["optim"])
     ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
-    logger = MetricsLogger(ctx, config.get("tracking_uri"), config.get("run_id"))
+    logger = MetricsLogger(ctx, config)
     method_kwargs = config["method_kwargs"]
     # Running statistics of the method (aligner, thresholds): passed to the step by name, checkpointed.
     method_state = {key: module.to(ctx.device) for key, module in spec.make_state(len(data.split.base_classes), method_kwargs).items()}
