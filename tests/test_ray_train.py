@@ -17,15 +17,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
+def ray_local(tmp_path_factory, s3_endpoint):
     import ray
 
     os.environ["LOWLABEL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
+    # Workers get the driver's storage variables when Ray starts (ensure_ray): set them first.
+    aws = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    before = {key: os.environ.get(key) for key in aws}
+    os.environ.update(aws)
     from lowlabel.runner.launch import ensure_ray
 
     ensure_ray(None, local_num_cpus=2)
     yield ray
     ray.shutdown()
+    for key, value in before.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def common(tiny_prepared, mlflow_uri, run_id):
@@ -164,8 +170,15 @@ def test_impossible_worker_count_fails_fast(ray_local):
         check_resources(1, 1, use_gpu=True)
 
 
-def test_rerun_under_the_same_name_resumes_from_the_last_checkpoint(ray_local, tiny_prepared, mlflow_uri, tmp_path):
-    storage = str(tmp_path / "ray")
+def test_rerun_under_the_same_name_resumes_from_the_last_checkpoint_on_s3(ray_local, s3_env, tiny_prepared, mlflow_uri):
+    """Checkpoints on an S3-compatible store: kept to the newest two, found again by a re-run
+    under the same name (which trains only what is missing), removed by remove_run."""
+    from conftest import make_bucket
+    from lowlabel.runner.launch import remove_run
+    from lowlabel.runner.storage import Storage
+
+    make_bucket("ray-resume")
+    storage = "s3://ray-resume/runs"
     _, run_id = new_run(mlflow_uri)
     first = final_state(
         run_training_job(pretrain_loop, pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=1), name="resume", workers=2,
@@ -173,11 +186,14 @@ def test_rerun_under_the_same_name_resumes_from_the_last_checkpoint(ray_local, t
     )
     # Same run name, a longer budget: only the missing epoch is trained.
     second = final_state(
-        run_training_job(pretrain_loop, pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=2), name="resume", workers=2,
+        run_training_job(pretrain_loop, pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=3), name="resume", workers=2,
                          use_gpu=False, cpus_per_worker=1, storage_path=storage)
     )
-    assert [h["epoch"] for h in second["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in second["history"]] == [0, 1, 2, 3]
     assert second["history"][1] == first["history"][1]
+    assert len(Storage.parse(storage).checkpoints("resume")) == 2  # CheckpointConfig(num_to_keep=2)
+    remove_run(storage, "resume")
+    assert Storage.parse(storage).checkpoints("resume") == []
 
 
 def test_moco_job_two_workers_keeps_one_queue(ray_local, tiny_prepared, mlflow_uri, tmp_path):

@@ -50,6 +50,13 @@ class MetricsSink:
             self.pending = self.pending[-MAX_PENDING:]
         self.flush()
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        try:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+        except Exception as error:  # noqa: BLE001 - a tag is not worth a failed job
+            self.last_error = f"{type(error).__name__}: {error}"
+
     def flush(self) -> int:
         """Deliver what is pending; returns how many are still undelivered."""
         while self.pending:
@@ -81,6 +88,10 @@ class SinkClient:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.sink is not None:
             self.sink.log.remote(dict(metrics), step, int(time.time() * 1000))
+
+    def tag(self, tags: dict[str, str]) -> None:
+        if self.sink is not None:
+            self.sink.set_tags.remote(dict(tags))
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import torch
 
@@ -128,6 +129,19 @@ class MetricsLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.client.log(metrics, step)
 
+    def record_placement(self, ctx: WorkerContext) -> list[str]:
+        """Every rank's node address, in rank order, as the run's tag ``lowlabel.worker_nodes``:
+        where the job really ran (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        here = ray.util.get_node_ip_address()
+        nodes: list[Any] = [here]
+        if dist.is_available() and dist.is_initialized():
+            nodes = [None] * ctx.world_size
+            dist.all_gather_object(nodes, here)
+        self.client.tag({"lowlabel.worker_nodes": ",".join(map(str, nodes))})
+        return [str(n) for n in nodes]
+
 
 @dataclass
 class Progress:
@@ -179,12 +193,20 @@ def maybe_inject_fault(config: dict[str, Any], ctx: WorkerContext, epoch: int, s
     """Test hook for fault tolerance: kill this worker process once, mid-epoch.
 
     ``config["fault_injection"] = {"epoch": e, "step": s, "rank": r, "marker": path, "delay_s": d}`` makes
-    rank r exit abruptly at step s of epoch e, the first time only (the marker file remembers),
+    rank r (or, with ``"node_ip"`` instead of ``"rank"``, every rank on that node) exit abruptly
+    at step s of epoch e, the first time only (the marker file remembers; on a cluster it must be
+    on storage every node sees),
     as a crashed or preempted worker would; Ray Train then restarts the group from the last
     checkpoint when ``runtime.max_failures`` allows.
     """
     fault = config.get("fault_injection")
-    if not fault or (epoch, step, ctx.rank) != (fault["epoch"], fault["step"], fault.get("rank", 0)):
+    if not fault or (epoch, step) != (fault["epoch"], fault["step"]):
+        return
+    # By node ("node_ip": the ranks on that host die, as when a node is lost) or by rank.
+    if "node_ip" in fault:
+        if ray.util.get_node_ip_address() != fault["node_ip"]:
+            return
+    elif ctx.rank != fault.get("rank", 0):
         return
     marker = fault["marker"]
     if os.path.exists(marker):

@@ -71,6 +71,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(method)  # DDP when world > 1; `method` stays the inner module
     optimizer, schedule = build_optimizer(method, total_steps, **config["optim"])
     logger = MetricsLogger(ctx, config)
+    logger.record_placement(ctx)
 
     start_epoch, history = 0, []
     state = load_state(config)

@@ -91,6 +91,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     optimizer, schedule = build_optimizer(model_inner, steps, **config["optim"])
     ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
     logger = MetricsLogger(ctx, config)
+    logger.record_placement(ctx)
     method_kwargs = config["method_kwargs"]
     # Running statistics of the method (aligner, thresholds): passed to the step by name, checkpointed.
     method_state = {key: module.to(ctx.device) for key, module in spec.make_state(len(data.split.base_classes), method_kwargs).items()}
