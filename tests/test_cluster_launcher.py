@@ -23,8 +23,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import secrets
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -126,14 +128,14 @@ def where():
     return ray.get_runtime_context().get_node_id()
 
 assert ray.get(where.remote()) == head, "the task ran on another cluster"
-print("PROBE " + json.dumps({"home": os.environ["HOME"], "resources": resources, "nodes": len(ray.nodes()), "auto_workers": resolve_workers("auto", 1, False)}), flush=True)
+print("PROBE " + json.dumps({"home": os.environ["HOME"], "auth": os.environ.get("RAY_AUTH_MODE"), "resources": resources, "nodes": len(ray.nodes()), "auto_workers": resolve_workers("auto", 1, False)}), flush=True)
 """
 
 
 def test_ray_up_submit_down_on_loopback(sshd_available):
     tmp = Path(tempfile.mkdtemp(prefix="llc"))  # short: Ray's socket paths live under it
     name = f"lowlabel-loopback-{os.getpid()}"
-    gcs, dashboard, client, agent = free_ports(4)
+    gcs, dashboard, client, agent, mlflow_port = free_ports(5)
     # This cluster's Ray processes name its temp dir, but the ray client server only the GCS
     # address; the rest of tmp (keys, sshd config, cluster yaml) is also in ssh's and `ray up`'s.
     # Ray's ssh ControlMaster (ControlPersist 10 s) renames itself after its control path,
@@ -172,7 +174,10 @@ def test_ray_up_submit_down_on_loopback(sshd_available):
             """))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         # TMPDIR: the head's autoscaler keeps the local provider's state file under it.
-        (home / ".bashrc").write_text(f'export PATH="{bin_dir}:{VENV_BIN}:$PATH" TMPDIR="{tmp}"\n')
+        # LOWLABEL_MLFLOW_PORT: the head's MLflow server (a start command of local.yaml) on a free port.
+        (home / ".bashrc").write_text(f'export PATH="{bin_dir}:{VENV_BIN}:$PATH" TMPDIR="{tmp}" LOWLABEL_MLFLOW_PORT={mlflow_port}\n')
+        token = tmp / "ray_token"
+        token.write_text(secrets.token_hex(32))
         (bin_dir / "stop_own.py").write_text(SCOPED_STOP.format(tests=str(Path(__file__).parent), markers=ray_markers))
         wrapper = bin_dir / "ray"
         wrapper.write_text(f'#!/bin/bash\nif [ "$1" = stop ]; then exec "{sys.executable}" "{bin_dir}/stop_own.py"; fi\nexec "{VENV_BIN}/ray" "$@"\n')
@@ -185,8 +190,8 @@ def test_ray_up_submit_down_on_loopback(sshd_available):
         config["cluster_name"] = name
         config["auth"] = {"ssh_user": "root", "ssh_private_key": str(tmp / "key"), "ssh_proxy_command": f"{SSHD} -i -f {tmp}/sshd_config"}
         # The checkout goes where run_pipeline.py looks for it (~/lowlabel), not to a shared /tmp path.
-        assert config["file_mounts"] == {"/tmp/lowlabel": "."}
-        config["file_mounts"] = {f"{home}/lowlabel": str(REPO)}
+        assert config["file_mounts"] == {"~/lowlabel": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+        config["file_mounts"] = {f"{home}/lowlabel": str(REPO), f"{home}/.ray/auth_token": str(token)}
         isolate = (
             f" --temp-dir={tmp}/raytmp --dashboard-port={dashboard} --ray-client-server-port={client}"
             f" --dashboard-agent-listen-port={agent} --disable-usage-stats"
@@ -204,11 +209,25 @@ def test_ray_up_submit_down_on_loopback(sshd_available):
         synced = home / "lowlabel"  # file_mounts, rsynced over ssh minus what .gitignore names
         assert (synced / "dvc.yaml").is_file() and (synced / "cluster" / "run_pipeline.py").is_file()
         assert not (synced / ".venv").exists() and not (synced / ".git").exists()
+        # The head's MLflow server came up from Ray's `bash -c` start command (its pgrep guard
+        # must not match that shell), on 127.0.0.1 only.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (home / ".lowlabel" / "mlflow-server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == mlflow_port}
+        assert listening == {"127.0.0.1"}, listening
 
         proc = ray("submit", str(cluster_yaml), str(tmp / "probe.py"), "--", f"127.0.0.1:{gcs}")
         assert proc.returncode == 0, "ray submit failed (output above)"
         probe = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))[6:])
         assert probe["home"] == str(home)  # ran in the ssh session, not in this process
+        assert probe["auth"] == "token"  # local.yaml's head_setup_commands: token auth for the driver too
         assert probe["nodes"] == 1 and probe["resources"]["CPU"] == 2  # local.yaml's --num-cpus=2
         assert probe["auto_workers"] == 2  # runtime.workers: auto on this cluster
 
