@@ -45,7 +45,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-REPO_CANDIDATES = [Path(__file__).resolve().parents[1], Path.home() / "lowlabel", Path("/tmp/lowlabel")]
+# LOWLABEL_CHECKOUT: where a config whose file_mounts put the checkout elsewhere synced it.
+REPO_CANDIDATES = [
+    *([Path(os.environ["LOWLABEL_CHECKOUT"]).expanduser()] if os.environ.get("LOWLABEL_CHECKOUT") else []),
+    Path(__file__).resolve().parents[1], Path.home() / "lowlabel", Path("/tmp/lowlabel"),
+]
 FORWARDED = ("LOWLABEL_RESULTS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 # The head's MLflow server (cluster/mlflow_server.sh): 127.0.0.1, LOWLABEL_MLFLOW_PORT (5000).
 MLFLOW_PORT = int(os.environ.get("LOWLABEL_MLFLOW_PORT") or 5000)
@@ -60,7 +64,7 @@ def repo_root() -> Path:
     for candidate in REPO_CANDIDATES:
         if (candidate / "dvc.yaml").is_file():
             return candidate
-    raise SystemExit(f"no lowlabel checkout with dvc.yaml in {[str(c) for c in REPO_CANDIDATES]}")
+    raise SystemExit(f"no lowlabel checkout with dvc.yaml in {[str(c) for c in REPO_CANDIDATES]} (set LOWLABEL_CHECKOUT)")
 
 
 def state_dir() -> Path:

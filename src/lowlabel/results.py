@@ -153,7 +153,7 @@ def publish_run(
 
     storage = open_results(uri)
     configure_remote(root, uri, env)
-    _run(["dvc", "push", "-q", "-r", REMOTE], root, env, f"dvc push to {_join(uri, 'dvc')}")
+    _run(["dvc", "push", "-r", REMOTE], root, env, f"dvc push to {_join(uri, 'dvc')}")
     mlflow_db = root / "mlflow.db" if mlflow_db is None else mlflow_db
     with tempfile.TemporaryDirectory(prefix="lowlabel-record-") as tmp:
         staging = Path(tmp)
@@ -240,7 +240,7 @@ def fetch_run(root: Path, uri: str, run: str | None = None, env: Mapping[str, st
     configure_remote(root, uri, env)
     # --force: the run's outputs replace what the checkout had (local cached versions stay in
     # .dvc/cache: `dvc checkout` with the .bak lock brings them back).
-    _run(["dvc", "pull", "-q", "--force", "-r", REMOTE], root, env, f"dvc pull from {_join(uri, 'dvc')}")
+    _run(["dvc", "pull", "--force", "-r", REMOTE], root, env, f"dvc pull from {_join(uri, 'dvc')}")
     if (local / "reports").is_dir() and not (root / "reports").exists():
         shutil.copytree(local / "reports", root / "reports")
     return local
