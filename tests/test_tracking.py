@@ -119,3 +119,55 @@ def test_pretrain_stage_stops_on_a_non_finite_loss_and_marks_the_run_failed(tmp_
     assert not (tmp_path / "models" / "pretrain" / "simclr" / "encoder.pt").exists()
     assert only_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "lowlabel").info.status == "FAILED"
     assert [p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith("pretrain-simclr-")], "the Ray run folder was removed"
+
+
+@pytest.mark.slow
+def test_a_hangup_mid_training_fails_the_run_and_a_rerun_resumes(tmp_path, tiny_prepared):
+    """SIGHUP (the ssh session of a foreground `ray submit` dropped) to a pretraining stage in
+    the middle of its job: the stage exits non-zero, its MLflow run ends FAILED (not RUNNING),
+    no encoder is written and its checkpoints stay; the same stage run again resumes from them
+    and finishes."""
+    import signal
+    import time
+
+    shutil.copytree(tiny_prepared, tmp_path / "data" / "prepared")
+    storage = tmp_path / "ray"
+    params = {
+        "encoder": {"width": 8},
+        "runtime": {"workers": 1, "storage_path": str(storage)},
+        "pretrain": {"methods": ["simclr"], "epochs": 40, "batch_size": 32, "eval_every": 100},
+        "semisup": {"init": "random"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = [sys.executable, "-m", "lowlabel.stages.pretrain", "--method", "simclr"]
+    with open(tmp_path / "first.log", "w") as log:
+        stage = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not list(storage.glob("pretrain-simclr-*/checkpoint_*")):
+                assert stage.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.2)
+            os.killpg(stage.pid, signal.SIGHUP)
+            rc = stage.wait(timeout=120)
+        finally:
+            if stage.poll() is None:
+                os.killpg(stage.pid, signal.SIGKILL)
+                stage.wait()
+    first = (tmp_path / "first.log").read_text()
+    assert rc != 0, first[-3000:]
+    assert "epoch 40/40" not in first, "the job finished before the hangup: make it longer"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lowlabel").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (tmp_path / "models" / "pretrain" / "simclr" / "encoder.pt").exists()
+    assert list(storage.glob("pretrain-simclr-*/checkpoint_*")), "the checkpoints a resume needs are gone"
+
+    second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert re.search(r"resumed from the checkpoint of epoch [1-9]", second.stdout + second.stderr), (second.stdout + second.stderr)[-3000:]
+    assert (tmp_path / "models" / "pretrain" / "simclr" / "encoder.pt").is_file()
+    runs = client.search_runs([client.get_experiment_by_name("lowlabel").experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]

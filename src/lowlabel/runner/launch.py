@@ -7,12 +7,15 @@ job that can never be scheduled fails at once instead of waiting forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -78,13 +81,35 @@ def ensure_ray(address: str | None, local_num_cpus: int | None = None, object_st
             raise ClusterError(f"cannot reach the Ray cluster at RAY_ADDRESS/runtime.ray_address={address!r}: {error}") from error
         return
     temp_dir = os.environ.get("LOWLABEL_RAY_TMP") or os.path.join(tempfile.gettempdir(), "lowlabel-ray")
-    ray.init(
-        num_cpus=local_num_cpus or os.cpu_count(),
-        object_store_memory=max(LOCAL_OBJECT_STORE_BYTES, 2 * object_store_bytes + 64 * 1024**2),
-        runtime_env=runtime_env,
-        _temp_dir=temp_dir,
-        log_to_driver=True,
-    )
+    with _terminal_signals_ignored_by_children():
+        ray.init(
+            num_cpus=local_num_cpus or os.cpu_count(),
+            object_store_memory=max(LOCAL_OBJECT_STORE_BYTES, 2 * object_store_bytes + 64 * 1024**2),
+            runtime_env=runtime_env,
+            _temp_dir=temp_dir,
+            log_to_driver=True,
+        )
+
+
+@contextlib.contextmanager
+def _terminal_signals_ignored_by_children() -> Iterator[None]:
+    """Start the local Ray's daemons ignoring SIGHUP and SIGINT.
+
+    They are this process's children, in its process group: a hangup (the terminal or the ssh
+    session of `ray submit` gone) or a Ctrl-C meant for the stage would kill the GCS first, and
+    the stage, unwinding, would then wait 60 s on it and abort without closing its MLflow run.
+    An ignored signal stays ignored across exec, so the daemons (and the workers they start)
+    sit these out; the stage still gets them, unwinds, and ray.shutdown() stops the daemons.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_use_gpu(use_gpu: str | bool) -> bool:
