@@ -231,6 +231,8 @@ def pretrain_loop_ref():
 def test_pipeline_submitted_runs_on_both_hosts_and_survives_ray_down(cluster, tmp_path):
     hosts, ray_cli = cluster["hosts"], cluster["ray_cli"]
     results = "s3://results/lowlabel"
+    veth = Path("/sys/class/net") / hosts.a_if / "statistics"
+    to_b_before, from_b_before = (int((veth / f).read_text()) for f in ("tx_bytes", "rx_bytes"))
     started = time.perf_counter()
     proc = ray_cli("submit", str(cluster["cluster_yaml"]), str(REPO / "cluster" / "run_pipeline.py"), "--",
                    "--env", f"LOWLABEL_RESULTS={results}", "--env", f"AWS_ENDPOINT_URL={cluster['s3']}", "repro", timeout=900)
@@ -238,6 +240,14 @@ def test_pipeline_submitted_runs_on_both_hosts_and_survives_ray_down(cluster, tm
     assert proc.returncode == 0, "the submitted pipeline failed (output above)"
     for stage in STAGES:
         assert f"Running stage '{stage}'" in proc.stdout, stage
+    # What crossed the wire between the hosts: B has no copy of data/, so its workers' inputs
+    # (the prepared arrays, through Ray's object store) came over the veth, once per job.
+    to_b, from_b = (int((veth / f).read_text()) - before for f, before in (("tx_bytes", to_b_before), ("rx_bytes", from_b_before)))
+    prepared = sum(f.stat().st_size for f in (hosts.remote_repo / "data" / "prepared").glob("*.npy"))
+    print(f"bytes A->B {to_b / 1e6:.1f} MB, B->A {from_b / 1e6:.1f} MB; prepared arrays {prepared / 1e6:.1f} MB; "
+          + "; ".join(line for line in proc.stdout.splitlines() if "through the object store" in line))
+    cluster["timings"] |= {"MB A->B": round(to_b / 1e6, 1), "MB B->A": round(from_b / 1e6, 1)}
+    assert to_b >= 2 * prepared * 0.9, "two training jobs, each with a worker on B: their inputs must have crossed to B"
 
     # Every training job ran a worker on each host (its rank 0 tags the run with the nodes).
     db = hosts.remote_repo / "mlflow.db"
