@@ -241,3 +241,65 @@ def test_ray_cluster_on_two_hosts():
         shutil.rmtree(control, ignore_errors=True)
         with contextlib.suppress(OSError):
             control.parent.rmdir()  # only when no other cluster's is in it
+
+
+# Runs on host B: one control-plane call to the GCS at argv[1] (lists the nodes).
+GCS_PROBE = """\
+import json, sys
+from ray._raylet import GcsClient
+try:
+    nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)
+    print("GCS_PROBE " + json.dumps({"ok": True, "nodes": len(nodes)}))
+except Exception as error:
+    print("GCS_PROBE " + json.dumps({"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}))
+"""
+
+
+def test_the_embedded_ray_of_a_stage_refuses_another_host_without_the_token():
+    """A stage's local Ray (ensure_ray without an address) listens on every interface; from
+    another host (B's network namespace, through the veth) its GCS port is reachable, and any
+    call without this machine's token is refused (auth mode off, or a wrong token), while the
+    same call with the token works: the refusal is the auth, not the network."""
+    import ray
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from lowlabel.runner.launch import ensure_ray
+
+    ray.shutdown()
+    tmp = Path(tempfile.mkdtemp(prefix="lla"))
+    before = os.environ.get("LOWLABEL_RAY_TMP")
+    os.environ["LOWLABEL_RAY_TMP"] = str(tmp / "ray")  # short: Ray's socket paths live under it
+    try:
+        with two_hosts(tmp) as hosts:
+            ensure_ray(None, local_num_cpus=1)
+            port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+            token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+            token = token_file.read_text().strip()
+            probe = hosts.infra / "gcs_probe.py"  # the harness dir: B sees it too
+            probe.write_text(GCS_PROBE)
+
+            reach = hosts.run_on_b([sys.executable, "-c", f"import socket; socket.create_connection(('{hosts.a_ip}', {port}), timeout=5); print('open')"],
+                                   capture_output=True, text=True, timeout=30)
+            assert reach.stdout.strip() == "open", f"the GCS port is not reachable from B: {reach.stderr[-500:]}"
+
+            def call_from_b(**auth: str) -> dict:
+                env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "", **auth}
+                proc = hosts.run_on_b([sys.executable, str(probe), f"{hosts.a_ip}:{port}"], env=env, capture_output=True, text=True, timeout=60)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("GCS_PROBE ")]
+                return json.loads(lines[0][10:]) if lines else {"ok": False, "error": (proc.stderr or proc.stdout)[-300:]}
+
+            without = call_from_b(RAY_AUTH_MODE="disabled")
+            wrong = call_from_b(RAY_AUTH_TOKEN=secrets.token_hex(32))
+            right = call_from_b(RAY_AUTH_TOKEN=token)
+            print({"disabled": without, "wrong token": wrong, "right token": right})
+            for refused in (without, wrong):
+                assert not refused["ok"] and "InvalidAuthToken" in refused["error"], refused
+            assert right == {"ok": True, "nodes": 1}, right
+            ray.shutdown()
+        assert not hosts.leftovers(), hosts.leftovers()
+    finally:
+        ray.shutdown()
+        os.environ.pop("LOWLABEL_RAY_TMP", None) if before is None else os.environ.__setitem__("LOWLABEL_RAY_TMP", before)
+        shutil.rmtree(tmp, ignore_errors=True)
