@@ -60,6 +60,8 @@ class DataConfig(_Section):
     def _distinct(cls, value: list[int] | int) -> list[int] | int:
         if isinstance(value, int):
             return value
+        if not value:
+            raise ValueError("novel classes must name at least one class (or give a count): the few-shot stage needs classes no stage trained on")
         if len(set(value)) != len(value):
             raise ValueError(f"novel classes must be distinct, got {value}")
         return sorted(value)

@@ -128,6 +128,12 @@ class PreparedData:
     def std(self) -> list[float]:
         return self.info["std"]
 
+    def novel_pool_labels(self) -> np.ndarray:
+        """Labels of the few-shot pool: novel test images, then novel training images
+        (``data.novel_pool: all``), the order the fewshot stage embeds them in."""
+        test = self.test_labels[np.asarray(self.split.test_novel, dtype=np.int64)]
+        return np.concatenate([test, self.train_labels[np.asarray(self.split.train_novel, dtype=np.int64)]])
+
     def base_label(self, labels: np.ndarray) -> np.ndarray:
         """Original class ids -> 0..B-1 in ``split.base_classes`` order (for classifiers)."""
         lookup = {c: i for i, c in enumerate(self.split.base_classes)}

@@ -25,6 +25,7 @@ from lowlabel.data.splits import SplitError  # noqa: E402
 from lowlabel.runner.jobs import JobError  # noqa: E402
 from lowlabel.runner.launch import ClusterError  # noqa: E402
 from lowlabel.runner.storage import StorageError  # noqa: E402
+from lowlabel.stages.preflight import PreflightError  # noqa: E402
 from lowlabel.tracking import TAG_DVC_STAGE, TAG_METHOD, TAG_STAGE, resolve_tracking_uri, stage_run  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
@@ -41,7 +42,7 @@ class StageError(RuntimeError):
 
 
 # Problems with the user's input or setup: shown as one clear line, no traceback.
-USER_ERRORS = (ConfigError, StageError, JobError, DataSourceError, SplitError, PreparedDataError, ClusterError, StorageError, ConnectionError)
+USER_ERRORS = (ConfigError, StageError, JobError, DataSourceError, SplitError, PreparedDataError, ClusterError, StorageError, ConnectionError, PreflightError)
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -26,6 +26,7 @@ from lowlabel.data.prepared import PreparedData
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.fewshot import (
     Episode,
+    EpisodeError,
     FewShotResult,
     FineTuneLastBlock,
     LastBlockSplit,
@@ -68,8 +69,7 @@ def random_encoder(params: Params, in_chans: int) -> torch.nn.Module:
 
 def novel_pool_labels(data: PreparedData) -> np.ndarray:
     """Labels of the few-shot pool, in the order :func:`evaluate_encoder` embeds it."""
-    test = data.test_labels[np.asarray(data.split.test_novel, dtype=np.int64)]
-    return np.concatenate([test, data.train_labels[np.asarray(data.split.train_novel, dtype=np.int64)]])
+    return data.novel_pool_labels()
 
 
 def setting_name(n_way: int, k_shot: int) -> str:
@@ -86,7 +86,10 @@ def plan_episodes(params: Params, labels: np.ndarray) -> dict[tuple[int, int], l
             print(f"[fewshot] skipping {n_way}-way: only {n_classes} novel classes", flush=True)
             continue
         for k_shot in cfg.shots:
-            plans[(n_way, k_shot)] = sample_episodes(labels, n_way, k_shot, cfg.queries, cfg.episodes, seed=params.seed)
+            try:
+                plans[(n_way, k_shot)] = sample_episodes(labels, n_way, k_shot, cfg.queries, cfg.episodes, seed=params.seed)
+            except EpisodeError as error:
+                raise StageError(f"fewshot.shots={k_shot}, fewshot.queries={cfg.queries}: {error}") from None
     if not plans:
         raise StageError(f"fewshot.ways={cfg.ways}: no setting fits the {n_classes} novel classes")
     return plans

@@ -9,11 +9,13 @@ from lowlabel.data.prepared import PreparedData
 from lowlabel.models.store import ENCODER_FILE, save_encoder
 from lowlabel.runner.jobs import pretrain_job
 from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, drop_checkpoints, publish_training_outputs, stage_main, tracked_run, train_in_ray
+from lowlabel.stages.preflight import check_before_training
 from lowlabel.train.pretrain import pretrain_loop
 
 
 def pretrain(params: Params, method: str) -> dict:
     data = PreparedData.load(PREPARED_DIR)
+    check_before_training(params, data)
     out = MODELS_DIR / "pretrain" / method / ENCODER_FILE
     dvc_stage = f"pretrain@{method}"
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:

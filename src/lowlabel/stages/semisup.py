@@ -20,6 +20,7 @@ from lowlabel.stages.common import (
     tracked_run,
     train_in_ray,
 )
+from lowlabel.stages.preflight import check_before_training
 from lowlabel.runner.jobs import semisup_job
 from lowlabel.tracking import TAG_INIT_RUN
 from lowlabel.train.semisup import semisup_loop
@@ -39,6 +40,7 @@ def init_encoder(params: Params) -> tuple[str | None, str]:
 def semisup(params: Params, method: str) -> dict:
     cfg = params.semisup
     data = PreparedData.load(PREPARED_DIR)
+    check_before_training(params, data)
     init_path, init_run = init_encoder(params)
     dvc_stage = f"semisup@{method}"
     tags = {TAG_INIT_RUN: init_run, "lowlabel.init": cfg.init}
