@@ -24,7 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
 
 _TOKEN = Path(tempfile.mkdtemp(prefix="osl-token-")) / "auth_token"
 _TOKEN.write_text(secrets.token_hex(32))
@@ -33,8 +32,7 @@ os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_TOKEN),
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-from scaling import _free_ports  # noqa: E402
-from twohosts import VENV, missing_reason, two_hosts  # noqa: E402
+from twohosts import VENV, free_ports, missing_reason, two_hosts  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +47,7 @@ def main() -> None:
     shared = tmp / "shared"
     shared.mkdir()
     shutil.copy(_TOKEN, shared / "token")
-    gcs, client, agent, metrics, autoscaler = _free_ports(5)
+    gcs, client, agent, metrics, autoscaler = free_ports(5)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(shared / "token"), "RAY_USAGE_STATS_ENABLED": "0",
            "AUTOSCALER_METRIC_PORT": str(autoscaler)}
     ray_bin = str(VENV / "bin" / "ray")

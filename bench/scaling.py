@@ -24,7 +24,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -117,17 +116,6 @@ def simulated_cluster() -> Iterator[tuple[str, str | None]]:
         cluster.shutdown()
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextlib.contextmanager
 def two_host_cluster() -> Iterator[tuple[str, str]]:
     """Hosts A (head) and B (worker node) that share only a directory standing for NFS; every
@@ -135,7 +123,7 @@ def two_host_cluster() -> Iterator[tuple[str, str]]:
     import ray
 
     sys.path.insert(0, str(REPO / "tests"))
-    from twohosts import VENV, missing_reason, two_hosts
+    from twohosts import VENV, free_ports, missing_reason, two_hosts
 
     reason = missing_reason()
     if reason:
@@ -143,7 +131,7 @@ def two_host_cluster() -> Iterator[tuple[str, str]]:
     tmp = Path(tempfile.mkdtemp(prefix="lls"))  # short: A's Ray socket paths live under it
     shared = tmp / "shared"
     shared.mkdir()
-    gcs, client, agent, metrics, autoscaler = _free_ports(5)
+    gcs, client, agent, metrics, autoscaler = free_ports(5)
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(shared / "token"),
            "AUTOSCALER_METRIC_PORT": str(autoscaler)}
     shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], shared / "token")

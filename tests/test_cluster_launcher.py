@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from twohosts import free_ports  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -58,17 +60,6 @@ def sshd_available():
     reason = _missing()
     if reason:
         pytest.skip(reason)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def sha(text: str) -> str:

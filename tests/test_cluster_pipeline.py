@@ -35,8 +35,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dvc_pipeline import TINY, merge  # noqa: E402
 from test_ray_train import pretrain_config  # noqa: E402
-from test_two_hosts import b_raylet_running, cluster_config, free_ports, sha  # noqa: E402
-from twohosts import REPO, VENV, copy_checkout, missing_reason, two_hosts  # noqa: E402
+from test_two_hosts import b_raylet_running, cluster_config, sha  # noqa: E402
+from twohosts import REPO, VENV, copy_checkout, free_ports, missing_reason, two_hosts  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
 

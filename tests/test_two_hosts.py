@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from twohosts import REPO, VENV, TwoHosts, copy_checkout, missing_reason, two_hosts  # noqa: E402
+from twohosts import REPO, VENV, TwoHosts, copy_checkout, free_ports, missing_reason, two_hosts  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -80,18 +80,6 @@ init = f"tcp://{a_ip}:{port}"
 reduced = ray.get([all_reduce.options(scheduling_strategy=on(ip)).remote(rank, init) for rank, ip in enumerate((a_ip, b_ip))], timeout=120)
 print("PROBE " + json.dumps({"nodes": sorted(nodes), "looks": looks, "reduced": reduced}), flush=True)
 """
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports free on every interface of the root namespace (A's Ray shares it with other tests)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def sha(text: str) -> str:

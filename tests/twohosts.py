@@ -52,6 +52,18 @@ DATASETS = Path("/usr/share/datasets")
 NETNS_DIR = Path("/run/netns")
 
 
+def free_ports(n: int) -> list[int]:
+    """Ports free on every interface of the root namespace (A's Ray shares it with other tests)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def missing_reason() -> str | None:
     """Why the harness cannot run here (for ``pytest.skip``), or None."""
     if os.geteuid() != 0:
