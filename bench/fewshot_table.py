@@ -36,7 +36,6 @@ from lowlabel.stages.fewshot import (  # noqa: E402
     RANDOM,
     embed_novel_pool,
     evaluate_head,
-    novel_pool_labels,
     plan_episodes,
     random_encoder,
     setting_name,
@@ -116,7 +115,7 @@ def dataset_name(params: Params) -> str:
 def evaluate_workdir(workdir: Path, args: argparse.Namespace, tables: dict[str, DatasetTable]) -> None:
     params = bench_params(workdir, args)
     data = PreparedData.load(workdir / PREPARED_DIR)
-    labels = novel_pool_labels(data)
+    labels = data.novel_pool_labels()
     name = dataset_name(params)
     table = tables.setdefault(name, DatasetTable(name, heads=heads_of(args)))
     plans = plan_episodes(params, labels)  # prints the ways it skips

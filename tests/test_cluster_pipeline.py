@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dvc_pipeline import TINY, merge  # noqa: E402
 from test_ray_train import pretrain_config  # noqa: E402
-from test_two_hosts import b_raylet_running, cluster_config, sha  # noqa: E402
+from test_two_hosts import b_raylet_running, cluster_config, ray_cli_on_a, sha  # noqa: E402
 from twohosts import REPO, VENV, copy_checkout, free_ports, missing_reason, two_hosts  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -115,13 +115,7 @@ def cluster():
             config["head_start_ray_commands"] += [c.replace("~/lowlabel", str(hosts.remote_repo)) for c in mlflow_start]
             cluster_yaml = tmp / "cluster.yaml"
             cluster_yaml.write_text(yaml.safe_dump(config))
-            cli_env = {**os.environ, **ray_env, "TMPDIR": str(hosts.roots["A"]), "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-            cli_env.pop("RAY_ADDRESS", None)
-
-            def ray_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-                proc = subprocess.run([str(VENV / "bin" / "ray"), *args], env=cli_env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
-                print(f"$ ray {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
-                return proc
+            ray_cli = ray_cli_on_a(hosts, ray_env, cwd=tmp)
 
             started = time.perf_counter()
             up = ray_cli("up", "-y", "--no-config-cache", str(cluster_yaml))

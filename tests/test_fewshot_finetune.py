@@ -290,7 +290,7 @@ def test_stage_pool_and_heads_with_finetune() -> None:
         }
     )
     data = _tiny_prepared()
-    labels = stage.novel_pool_labels(data)
+    labels = data.novel_pool_labels()
     plans = stage.plan_episodes(params, labels)
     encoder = stage.random_encoder(params, data.in_chans)
     pool = stage.embed_novel_pool(params, encoder, data)

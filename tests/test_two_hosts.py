@@ -19,12 +19,12 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -94,6 +94,22 @@ def b_raylet_running(hosts: TwoHosts) -> bool:
     return False
 
 
+def ray_cli_on_a(hosts: TwoHosts, ray_env: dict[str, str], cwd: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """The ray CLI (`ray up`/`submit`/`down`) run from host A, printing each command's output.
+
+    It runs with the head's TMPDIR: the local provider keeps its cluster state under it, and the
+    head's autoscaler must find the head there as running."""
+    env = {**os.environ, **ray_env, "TMPDIR": str(hosts.roots["A"]), "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+
+    def ray(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(VENV / "bin" / "ray"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        print(f"$ ray {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    return ray
+
+
 def cluster_config(hosts: TwoHosts, name: str, source: Path, ports: dict[str, int]) -> dict:
     """cluster/local.yaml's shape: head on A (reached through the harness's ProxyCommand), one
     worker on B, the code synced to the same path on both."""
@@ -153,15 +169,7 @@ def test_ray_cluster_on_two_hosts():
             lap("harness up")
             hosts.markers.append(str(control))  # the ssh mux renames itself after its control path
             a, b = hosts.a_ip, hosts.b_ip
-            # `ray up` runs on A with the head's TMPDIR: the local provider keeps its cluster state
-            # under it, and the head's autoscaler must find the head there as running.
-            cli_env = {**os.environ, **ray_env, "TMPDIR": str(hosts.roots["A"]), "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-            cli_env.pop("RAY_ADDRESS", None)
-
-            def ray(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-                proc = subprocess.run([str(VENV / "bin" / "ray"), *args], env=cli_env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
-                print(f"$ ray {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                return proc
+            ray = ray_cli_on_a(hosts, ray_env, cwd=tmp)
 
             cluster_yaml = tmp / "cluster.yaml"
             cluster_yaml.write_text(yaml.safe_dump(cluster_config(hosts, name, copy_checkout(tmp / "checkout"), ports)))

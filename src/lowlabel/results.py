@@ -57,33 +57,27 @@ def _join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def _exists(storage, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return storage.filesystem.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def open_results(uri: str, *, must_exist: bool = True):
-    """The storage of ``uri``; with ``must_exist``, its bucket (or local folder) must be there."""
+def open_results(uri: str):
+    """The storage of ``uri``, whose bucket (or local folder) must be there."""
     storage = _storage(uri)
-    if must_exist:
-        if storage.is_local:
-            if not Path(storage.root).is_dir():
-                raise ResultsError(f"no cluster results at {uri}: folder {storage.root} does not exist")
-        else:
-            bucket = storage.root.split("/", 1)[0]
-            try:
-                found = _exists(storage, bucket)
-            except OSError as error:
-                raise ResultsError(f"cannot reach cluster results at {uri}: {_first_line(error)}") from None
-            if not found:
-                raise ResultsError(f"no cluster results at {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+    if storage.is_local:
+        if not Path(storage.root).is_dir():
+            raise ResultsError(f"no cluster results at {uri}: folder {storage.root} does not exist")
+    else:
+        bucket = storage.root.split("/", 1)[0]
+        try:
+            found = storage.exists(bucket)
+        except OSError as error:
+            raise ResultsError(f"cannot reach cluster results at {uri}: {_first_line(error)}") from None
+        if not found:
+            raise ResultsError(f"no cluster results at {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
     return storage
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    from lowlabel.runner.storage import first_line
+
+    return first_line(error)
 
 
 def dvc_remote(uri: str, env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
@@ -170,7 +164,7 @@ def publish_run(
         (staging / "run.json").write_text(json.dumps({"run": run, "results": uri, **(info or {})}, indent=2) + "\n")
         target = storage.path("runs", run)
         try:
-            if _exists(storage, target):
+            if storage.exists(target):
                 storage.filesystem.delete_dir(target)
             _copy_tree(pafs.LocalFileSystem(), str(staging), storage.filesystem, target)
             storage.write_bytes(storage.path("latest"), f"{run}\n".encode())
@@ -190,12 +184,12 @@ def resolve_run(storage, uri: str, run: str | None) -> str:
     """``run``, or the one ``<uri>/latest`` names; it must have a record."""
     if run is None:
         latest = storage.path("latest")
-        if not _exists(storage, latest):
+        if not storage.exists(latest):
             raise ResultsError(f"no published run in {uri}: {_join(uri, 'latest')} does not exist (did `./pipeline submit` run with LOWLABEL_RESULTS={uri}?)")
         run = storage.read_bytes(latest).decode().strip()
     if not run or "/" in run or run.startswith("."):
         raise ResultsError(f"{run!r} is not a run name")
-    if not _exists(storage, storage.path("runs", run)):
+    if not storage.exists(storage.path("runs", run)):
         known = list_runs(storage)
         raise ResultsError(f"no run {run!r} in {uri}: {_join(uri, 'runs', run)} does not exist (runs there: {', '.join(known) or 'none'})")
     return run
@@ -264,7 +258,7 @@ def ui_target(target: str, root: Path) -> tuple[Path, str | None]:
     local = root / LOCAL_DIR / run
     local.mkdir(parents=True, exist_ok=True)
     db = storage.path("runs", run, "mlflow.db")
-    if not _exists(storage, db):
+    if not storage.exists(db):
         raise ResultsError(f"run {run!r} in {uri} has no MLflow snapshot ({_join(uri, 'runs', run, 'mlflow.db')})")
     (local / "mlflow.db").write_bytes(storage.read_bytes(db))
     (local / "source.json").write_text(json.dumps({"results": uri, "run": run}, indent=2) + "\n")

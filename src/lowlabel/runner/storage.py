@@ -77,9 +77,12 @@ class Storage:
         folders = [f.path for f in info if f.type == pafs.FileType.Directory and posixpath.basename(f.path).startswith("checkpoint_")]
         return sorted(folders, key=posixpath.basename)
 
+    def exists(self, path: str) -> bool:
+        return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
     def remove_run(self, run: str) -> None:
         target = self.path(run)
-        if self.filesystem.get_file_info(target).type != pafs.FileType.NotFound:
+        if self.exists(target):
             self.filesystem.delete_dir(target)
 
     def check_writable(self) -> None:
@@ -91,7 +94,7 @@ class Storage:
             self.read_bytes(marker)
             self.filesystem.delete_file(marker)
         except Exception as error:  # pyarrow raises OSError/ArrowException subclasses per backend
-            raise StorageError(f"runtime.storage_path={self.uri!r} cannot be written: {_first_line(error)}") from None
+            raise StorageError(f"runtime.storage_path={self.uri!r} cannot be written: {first_line(error)}") from None
 
     def check_visible_from_nodes(self, timeout_s: float = 120.0) -> None:
         """On a cluster of several hosts, every alive node must see what the driver writes.
@@ -108,7 +111,7 @@ class Storage:
         try:
             self.write_bytes(marker, token.encode())
         except Exception as error:  # noqa: BLE001 - reported with the setting's name
-            raise StorageError(f"runtime.storage_path={self.uri!r} cannot be written: {_first_line(error)}") from None
+            raise StorageError(f"runtime.storage_path={self.uri!r} cannot be written: {first_line(error)}") from None
         try:
             probes = {
                 n["NodeManagerAddress"]: _read_marker.options(
@@ -132,7 +135,8 @@ class Storage:
             )
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``: enough to name the failure in a one-line error."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
@@ -142,4 +146,4 @@ def _read_marker(uri: str, marker: str) -> str:
     try:
         return Storage.parse(uri).read_bytes(marker).decode()
     except Exception as error:  # noqa: BLE001 - the driver names the node and the error
-        return f"cannot read {marker}: {_first_line(error)}"
+        return f"cannot read {marker}: {first_line(error)}"

@@ -67,11 +67,6 @@ def random_encoder(params: Params, in_chans: int) -> torch.nn.Module:
     return build_encoder(params.encoder.arch, in_chans, params.encoder.width).eval()
 
 
-def novel_pool_labels(data: PreparedData) -> np.ndarray:
-    """Labels of the few-shot pool, in the order :func:`evaluate_encoder` embeds it."""
-    return data.novel_pool_labels()
-
-
 def setting_name(n_way: int, k_shot: int) -> str:
     return f"{n_way}w{k_shot}s"
 
@@ -113,7 +108,7 @@ Embedder = Callable[[np.ndarray, Sequence[int]], torch.Tensor]
 class NovelPool:
     """One encoder's view of the few-shot pool, computed once and shared by every head and episode.
 
-    Rows are in :func:`novel_pool_labels` order. ``embeddings`` are normalised by
+    Rows are in :meth:`PreparedData.novel_pool_labels` order. ``embeddings`` are normalised by
     ``fewshot.feature_norm``; ``block_inputs`` (the frozen trunk's output, the finetune head's
     cache) and ``split`` exist only when that head is asked for.
     """
@@ -187,7 +182,7 @@ def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedDat
 
 def fewshot(params: Params) -> dict:
     data = PreparedData.load(PREPARED_DIR)
-    novel_labels = novel_pool_labels(data)
+    novel_labels = data.novel_pool_labels()
     plans = plan_episodes(params, novel_labels)
     results: dict[str, dict] = {}
     rows = []
