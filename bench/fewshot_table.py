@@ -27,11 +27,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lowlabel.config import FEWSHOT_HEADS, Params, load_params, parse_params  # noqa: E402
-from lowlabel.data.prepared import PreparedData  # noqa: E402
-from lowlabel.models.store import ENCODER_FILE, load_encoder  # noqa: E402
-from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR  # noqa: E402
-from lowlabel.stages.fewshot import (  # noqa: E402
+from lowlabel.config import FEWSHOT_HEADS, Params, load_params, parse_params
+from lowlabel.data.prepared import PreparedData
+from lowlabel.models.store import ENCODER_FILE, load_encoder
+from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR
+from lowlabel.stages.fewshot import (
     FINETUNE,
     RANDOM,
     embed_novel_pool,
@@ -125,8 +125,8 @@ def evaluate_workdir(workdir: Path, args: argparse.Namespace, tables: dict[str, 
         "episodes": params.fewshot.episodes,
         "queries": params.fewshot.queries,
         "seed": params.seed,
-        "novel_classes": int(len(set(labels.tolist()))),
-        "pool_images": int(len(labels)),
+        "novel_classes": len(set(labels.tolist())),
+        "pool_images": len(labels),
         "encoder_arch": params.encoder.arch,
         "finetune": params.fewshot.finetune.model_dump() if FINETUNE in params.fewshot.heads else None,
     }

@@ -33,26 +33,28 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lowlabel.env import configure_quiet_env  # noqa: E402
+from lowlabel.env import configure_quiet_env
 
 configure_quiet_env()
 
-import ray.train  # noqa: E402
+import ray.train
 
-from lowlabel.config import Params, parse_params  # noqa: E402
-from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared  # noqa: E402
-from lowlabel.data.splits import make_split  # noqa: E402
-from lowlabel.methods import PRETRAIN_METHODS  # noqa: E402
-from lowlabel.methods import SEMISUP_REGISTRY  # noqa: E402
-from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
-from lowlabel.models.heads import Classifier  # noqa: E402
-from lowlabel.presets import PRESETS_DIR, merge, set_param  # noqa: E402
-from lowlabel.runner.jobs import common_config, pretrain_job, semisup_job  # noqa: E402
-from lowlabel.runner.launch import run_training_job  # noqa: E402
-from lowlabel.runner.worker import read_state, setup_worker  # noqa: E402
-from lowlabel.train.optim import build_optimizer  # noqa: E402
-from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
-from lowlabel.train.semisup import semisup_loop  # noqa: E402
+from lowlabel.config import Params, parse_params
+from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared
+from lowlabel.data.splits import make_split
+from lowlabel.methods import (
+    PRETRAIN_METHODS,
+    SEMISUP_REGISTRY,
+)
+from lowlabel.models.encoders import build_encoder, feature_dim
+from lowlabel.models.heads import Classifier
+from lowlabel.presets import PRESETS_DIR, merge, set_param
+from lowlabel.runner.jobs import common_config, pretrain_job, semisup_job
+from lowlabel.runner.launch import run_training_job
+from lowlabel.runner.worker import read_state, setup_worker
+from lowlabel.train.optim import build_optimizer
+from lowlabel.train.pretrain import pretrain_loop
+from lowlabel.train.semisup import semisup_loop
 
 
 def nccl_probe_loop(config: dict) -> None:

@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lowlabel.presets import set_param  # noqa: E402
+from lowlabel.presets import set_param
 
 
 def tree_pss(root: psutil.Process) -> int:
@@ -62,7 +62,7 @@ def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, flo
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     marks: list[tuple[str, float]] = []
-    log = open(workdir / "bench_repro.log", "a")
+    log = open(workdir / "bench_repro.log", "a")  # noqa: SIM115 - closed after the process ends
     for line in proc.stdout:
         log.write(line)
         log.flush()
@@ -105,7 +105,7 @@ def main() -> int:
     if rc != 0:
         print(f"dvc repro failed (rc {rc}); see {workdir / 'bench_repro.log'}")
         return rc
-    noop, noop_peak, noop_marks, rc2 = run_repro(workdir, env)
+    noop, _noop_peak, noop_marks, rc2 = run_repro(workdir, env)
 
     rows = []
     for i, (stage, at) in enumerate(marks):

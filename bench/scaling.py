@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -43,17 +43,17 @@ if "--two-hosts" in sys.argv:
     _TOKEN.write_text(secrets.token_hex(32))
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_TOKEN)})
 
-from lowlabel.env import configure_quiet_env  # noqa: E402
+from lowlabel.env import configure_quiet_env
 
 configure_quiet_env()
 
-from lowlabel.config import load_params  # noqa: E402
-from lowlabel.data.prepared import PreparedData  # noqa: E402
-from lowlabel.presets import set_param  # noqa: E402
-from lowlabel.runner.jobs import common_config, pretrain_job  # noqa: E402
-from lowlabel.runner.launch import run_training_job  # noqa: E402
-from lowlabel.runner.worker import read_state  # noqa: E402
-from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
+from lowlabel.config import load_params
+from lowlabel.data.prepared import PreparedData
+from lowlabel.presets import set_param
+from lowlabel.runner.jobs import common_config, pretrain_job
+from lowlabel.runner.launch import run_training_job
+from lowlabel.runner.worker import read_state
+from lowlabel.train.pretrain import pretrain_loop
 
 
 def main() -> None:

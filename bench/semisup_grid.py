@@ -36,22 +36,22 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lowlabel.env import configure_quiet_env  # noqa: E402
+from lowlabel.env import configure_quiet_env
 
 configure_quiet_env()
 
-from lowlabel.config import Params, parse_params  # noqa: E402
-from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared  # noqa: E402
-from lowlabel.data.sources import load_source  # noqa: E402
-from lowlabel.data.splits import make_split  # noqa: E402
-from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
-from lowlabel.models.heads import Classifier  # noqa: E402
-from lowlabel.models.store import save_encoder  # noqa: E402
-from lowlabel.presets import set_param  # noqa: E402
-from lowlabel.runner.jobs import common_config, pretrain_job, run_job, semisup_job  # noqa: E402
-from lowlabel.runner.launch import cluster_address, ensure_ray, remove_run  # noqa: E402
-from lowlabel.train.pretrain import pretrain_loop  # noqa: E402
-from lowlabel.train.semisup import semisup_loop, test_predictions  # noqa: E402
+from lowlabel.config import Params, parse_params
+from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared
+from lowlabel.data.sources import load_source
+from lowlabel.data.splits import make_split
+from lowlabel.models.encoders import build_encoder, feature_dim
+from lowlabel.models.heads import Classifier
+from lowlabel.models.store import save_encoder
+from lowlabel.presets import set_param
+from lowlabel.runner.jobs import common_config, pretrain_job, run_job, semisup_job
+from lowlabel.runner.launch import cluster_address, ensure_ray, remove_run
+from lowlabel.train.pretrain import pretrain_loop
+from lowlabel.train.semisup import semisup_loop, test_predictions
 
 
 def load_base_arrays(params: Params, npz: str | None, cap: int | None) -> dict[str, np.ndarray]:

@@ -30,19 +30,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lowlabel.env import configure_quiet_env  # noqa: E402
+from lowlabel.env import configure_quiet_env
 
 configure_quiet_env()
 
-from lowlabel.config import load_params  # noqa: E402
-from lowlabel.data.augment import eval_view  # noqa: E402
-from lowlabel.data.prepared import PreparedData, write_prepared  # noqa: E402
-from lowlabel.evaluation import extract_features, knn_accuracy, knn_split, linear_probe_accuracy  # noqa: E402
-from lowlabel.models.heads import Classifier  # noqa: E402
-from lowlabel.models.store import load_encoder  # noqa: E402
-from lowlabel.runner.jobs import common_config, run_job, semisup_job  # noqa: E402
-from lowlabel.stages.fewshot import random_encoder  # noqa: E402
-from lowlabel.train.semisup import semisup_loop  # noqa: E402
+from lowlabel.config import load_params
+from lowlabel.data.augment import eval_view
+from lowlabel.data.prepared import PreparedData, write_prepared
+from lowlabel.evaluation import extract_features, knn_accuracy, knn_split, linear_probe_accuracy
+from lowlabel.models.heads import Classifier
+from lowlabel.models.store import load_encoder
+from lowlabel.runner.jobs import common_config, run_job, semisup_job
+from lowlabel.stages.fewshot import random_encoder
+from lowlabel.train.semisup import semisup_loop
 
 
 def train_ceiling(params, data: PreparedData, steps: int, workdir: Path) -> dict:

@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lowlabel.env import configure_quiet_env  # noqa: E402
+from lowlabel.env import configure_quiet_env
 
 configure_quiet_env()
 
-from lowlabel.data.augment import contrastive_view  # noqa: E402
-from lowlabel.data.datasets import ViewsDataset  # noqa: E402
-from lowlabel.methods import PRETRAIN_METHODS  # noqa: E402
-from lowlabel.models.encoders import build_encoder, feature_dim  # noqa: E402
-from lowlabel.train.optim import build_optimizer  # noqa: E402
+from lowlabel.data.augment import contrastive_view
+from lowlabel.data.datasets import ViewsDataset
+from lowlabel.methods import PRETRAIN_METHODS
+from lowlabel.models.encoders import build_encoder, feature_dim
+from lowlabel.train.optim import build_optimizer
 
 
 def load_images() -> tuple[np.ndarray, str]:

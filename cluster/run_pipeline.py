@@ -245,7 +245,7 @@ def experiment_name(root: Path) -> str:
 
         params = yaml.safe_load((root / "params.yaml").read_text()) or {}
         return str((params.get("tracking") or {}).get("experiment") or "lowlabel")
-    except Exception:  # noqa: BLE001 - the stages validate params.yaml themselves
+    except Exception:
         return "lowlabel"
 
 
@@ -306,7 +306,7 @@ def run_dvc(args: list[str], root: Path, env: dict[str, str], log) -> int:
     proc = subprocess.Popen(["dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     received: list[int] = []
 
-    def forward(signum, frame):  # noqa: ARG001
+    def forward(signum, frame):
         received.append(signum)
         try:
             os.killpg(proc.pid, signum)
@@ -386,7 +386,7 @@ def publish(root: Path, env: dict[str, str], name: str, info: dict, log_path: Pa
     say(f"publishing run {name} to {results} (dvc push, run record)")
     try:
         where = publish_run(root, results, name, info=info, mlflow_db=db, log=log_path, env=env)
-    except Exception as error:  # noqa: BLE001 - after hours of training: one line and how to retry
+    except Exception as error:
         detail = error if isinstance(error, ResultsError) else f"{type(error).__name__}: {error}"
         say(f"error: the pipeline finished but publishing to LOWLABEL_RESULTS={results} failed: {detail}. "
             f"The outputs are still on the head: retry with `python ~/run_pipeline.py publish {name}`")

@@ -18,11 +18,11 @@ import getpass
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
-import secrets
 import textwrap
 import time
 import urllib.request
@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from twohosts import free_ports  # noqa: E402
+from twohosts import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -33,10 +33,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_dvc_pipeline import TINY, merge  # noqa: E402
-from test_ray_train import pretrain_config  # noqa: E402
-from test_two_hosts import b_raylet_running, cluster_config, ray_cli_on_a, sha  # noqa: E402
-from twohosts import REPO, VENV, copy_checkout, free_ports, missing_reason, two_hosts  # noqa: E402
+from test_dvc_pipeline import TINY, merge
+from test_ray_train import pretrain_config
+from test_two_hosts import b_raylet_running, cluster_config, ray_cli_on_a, sha
+from twohosts import REPO, VENV, copy_checkout, free_ports, missing_reason, two_hosts
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -152,6 +152,7 @@ def cluster():
 def driver(cluster):
     """This test process as a driver of the two-host cluster (token auth, as the nodes)."""
     import ray
+
     # Ray reads the auth mode and token once per process and caches both: re-read after the change.
     from ray._private.authentication_test_utils import reset_auth_token_state
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import ddp_workers as W
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import ddp_workers as W
 from lowlabel.methods.freematch import SelfAdaptiveThreshold
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import FASHION_DIR, REPO
+from mlflow.tracking import MlflowClient
 
 pytestmark = [
     pytest.mark.slow,

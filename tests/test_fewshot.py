@@ -22,7 +22,6 @@ from lowlabel.fewshot import (
     sample_episodes,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -81,7 +80,9 @@ def test_sampler_deterministic_by_seed() -> None:
     a = sample_episodes(labels, 5, 1, 5, 20, seed=3)
     b = sample_episodes(labels, 5, 1, 5, 20, seed=3)
     c = sample_episodes(labels, 5, 1, 5, 20, seed=4)
-    key = lambda eps: [(e.support.tolist(), e.query.tolist(), e.classes.tolist()) for e in eps]
+    def key(eps):
+        return [(e.support.tolist(), e.query.tolist(), e.classes.tolist()) for e in eps]
+
     assert key(a) == key(b)
     assert key(a) != key(c)
 

@@ -23,7 +23,6 @@ from lowlabel.fewshot import (
 from lowlabel.models.encoders import Conv4, build_encoder
 from lowlabel.stages import fewshot as stage
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

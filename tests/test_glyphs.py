@@ -51,7 +51,7 @@ def test_small_set_shapes_and_speed(small):
     assert g.labels.dtype == np.int64 and g.writer.dtype == np.int64
     np.testing.assert_array_equal(np.bincount(g.labels), np.full(50, 5))
     assert len(g.class_names) == 50 and g.class_names[0] == "U+4E00 一"
-    assert 0 <= g.writer.min() and g.writer.max() < len(g.fonts)
+    assert g.writer.min() >= 0 and g.writer.max() < len(g.fonts)
     for c in range(50):  # 5 instances <= 24 fonts: 5 different writers per class
         assert len(set(g.writer[g.labels == c].tolist())) == 5
 

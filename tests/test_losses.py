@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowlabel.methods.losses import fairness_loss, masked_cross_entropy, nt_xent_loss, pseudo_labels, self_adaptive_thresholds
+from lowlabel.methods.losses import (
+    fairness_loss,
+    masked_cross_entropy,
+    nt_xent_loss,
+    pseudo_labels,
+    self_adaptive_thresholds,
+)
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import synthetic_images
 
 from lowlabel.config import ConfigError, parse_params
 from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared
 from lowlabel.data.splits import make_split
 from lowlabel.stages.preflight import PreflightError, check_before_training, pipeline_problems
-
-from conftest import synthetic_images
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny_prepared: 4 base classes x 40 training images (2 labeled each), 2 novel classes x 20 test images.

@@ -6,11 +6,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_ray_train import pretrain_config
 
 from lowlabel.runner.launch import ClusterError, run_training_job
 from lowlabel.runner.worker import read_state
 from lowlabel.train.pretrain import pretrain_loop
-from test_ray_train import pretrain_config
 
 pytestmark = pytest.mark.slow
 

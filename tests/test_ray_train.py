@@ -174,6 +174,7 @@ def test_rerun_under_the_same_name_resumes_from_the_last_checkpoint_on_s3(ray_lo
     """Checkpoints on an S3-compatible store: kept to the newest two, found again by a re-run
     under the same name (which trains only what is missing), removed by remove_run."""
     from conftest import make_bucket
+
     from lowlabel.runner.launch import remove_run
     from lowlabel.runner.storage import Storage
 

@@ -57,7 +57,7 @@ def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method, 
         out = step(method, model, **batch, **kwargs, **extra, **fresh_state(method))
         out["loss"].backward()
         grads.append((out["loss"].item(), [p.grad.clone() for p in model.parameters()], out["pseudo_acc"].item(), out["mask_rate"].item()))
-    (loss_a, grads_a, acc_a, mask_a), (loss_b, grads_b, acc_b, mask_b) = grads
+    (loss_a, grads_a, acc_a, mask_a), (loss_b, grads_b, acc_b, _mask_b) = grads
     assert mask_a > 0, "the test needs some confident samples to be meaningful"
     assert loss_a == loss_b and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert (acc_a, acc_b) == (1.0, 0.0)  # only the monitor reads them

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import make_bucket
+
 from lowlabel.runner.launch import latest_checkpoint
 from lowlabel.runner.storage import Storage, StorageError
 

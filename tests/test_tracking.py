@@ -54,9 +54,8 @@ def test_finished_run_has_params_tags_and_metrics(mlflow_uri, tmp_path):
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_failed_stage_marks_run_failed(mlflow_uri, tmp_path, error):
-    with pytest.raises(type(error)):
-        with open_run(mlflow_uri, tmp_path):
-            raise error
+    with pytest.raises(type(error)), open_run(mlflow_uri, tmp_path):
+        raise error
     assert only_run(mlflow_uri).info.status == "FAILED"
 
 

@@ -23,15 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from twohosts import REPO, VENV, TwoHosts, copy_checkout, free_ports, missing_reason, two_hosts  # noqa: E402
+from twohosts import REPO, VENV, TwoHosts, copy_checkout, free_ports, missing_reason, two_hosts
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -144,7 +144,7 @@ class MoCoConfig(_Section):
     single_worker_bn_splits: PositiveInt = 4
 
     @model_validator(mode="after")
-    def _momentum_order(self) -> "MoCoConfig":
+    def _momentum_order(self) -> MoCoConfig:
         if self.momentum_final is not None and self.momentum_final < self.momentum:
             raise ValueError(f"momentum_final ({self.momentum_final}) must be >= momentum ({self.momentum})")
         return self
@@ -163,7 +163,7 @@ class PretrainConfig(_Section):
     moco: MoCoConfig = MoCoConfig()
 
     @model_validator(mode="after")
-    def _crop(self) -> "PretrainConfig":
+    def _crop(self) -> PretrainConfig:
         if self.crop_scale[0] > self.crop_scale[1]:
             raise ValueError(f"crop_scale must be (low, high) with low <= high, got {self.crop_scale}")
         return self
@@ -262,7 +262,7 @@ class Params(_Section):
     fewshot: FewshotConfig = FewshotConfig()
 
     @model_validator(mode="after")
-    def _cross_section(self) -> "Params":
+    def _cross_section(self) -> Params:
         if self.semisup.init != "random" and self.semisup.init not in self.pretrain.methods:
             raise ValueError(
                 f"semisup.init is {self.semisup.init!r}; allowed: 'random' or one of pretrain.methods {self.pretrain.methods}"
@@ -277,7 +277,7 @@ class Params(_Section):
             )
         return self
 
-    def with_workers(self, workers: int, source: str = "params.yaml") -> "Params":
+    def with_workers(self, workers: int, source: str = "params.yaml") -> Params:
         """These params with ``runtime.workers`` set to a resolved count (``auto`` at launch
         time), after the checks that need the count; :class:`ConfigError` when it does not fit."""
         shown = f"auto -> {workers}" if self.runtime.workers == "auto" else str(workers)

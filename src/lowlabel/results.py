@@ -27,8 +27,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 REMOTE = "lowlabel-results"
 RECORD_FILES = ("dvc.lock", "params.yaml")

@@ -9,7 +9,7 @@ sample gets the same augmentation however the data is sharded across workers.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import albumentations as A
 import cv2

@@ -484,7 +484,7 @@ def split_classes(num_classes: int, novel_fraction: float, seed: int) -> tuple[l
         raise GlyphsError(f"num_classes must be >= 1, got {num_classes}")
     if not 0.0 <= novel_fraction <= 1.0:
         raise GlyphsError(f"novel_fraction must be in [0, 1], got {novel_fraction}")
-    n_novel = int(round(num_classes * novel_fraction))
+    n_novel = round(num_classes * novel_fraction)
     if 0.0 < novel_fraction < 1.0 and num_classes >= 2:
         n_novel = min(max(n_novel, 1), num_classes - 1)
     perm = np.random.default_rng(seed).permutation(num_classes)

@@ -24,7 +24,7 @@ class PreparedDataError(FileNotFoundError):
     pass
 
 
-def atomic_dir(target: Path) -> "_AtomicDir":
+def atomic_dir(target: Path) -> _AtomicDir:
     """Write a folder under a temporary name, swap it in only when complete."""
     return _AtomicDir(Path(target))
 
@@ -96,7 +96,7 @@ class PreparedData:
     info: dict[str, Any]
 
     @classmethod
-    def load(cls, root: str | Path) -> "PreparedData":
+    def load(cls, root: str | Path) -> PreparedData:
         root = Path(root)
         needed = ["train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "split.json", "info.json"]
         absent = [name for name in needed if not (root / name).is_file()]

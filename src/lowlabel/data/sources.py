@@ -25,8 +25,8 @@ from PIL import Image
 
 __all__ = [
     "ALLOWED_SOURCES",
-    "DataSourceError",
     "FASHION_MNIST_CLASSES",
+    "DataSourceError",
     "RawDataset",
     "load_cifar10",
     "load_fashion_mnist",
@@ -461,7 +461,7 @@ def load_imagefolder(
             for path in files:
                 try:
                     arr = _decode(path, channels, image_size)
-                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+                except Exception as e:
                     corrupt.append((str(path), f"{type(e).__name__}: {e}"))
                     continue
                 entries[part].append((label, str(path), arr))
@@ -570,7 +570,7 @@ def load_cifar10(root: str | None = None, *, download: bool = False) -> RawDatas
     try:
         train = datasets.CIFAR10(str(root_dir), train=True, download=download)
         test = datasets.CIFAR10(str(root_dir), train=False, download=download)
-    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError/URLError/OSError
+    except Exception as e:
         raise _torchvision_error("cifar10", root_dir, download, e) from e
     return RawDataset(
         train_images=np.ascontiguousarray(train.data, dtype=np.uint8),
@@ -590,7 +590,7 @@ def load_stl10(root: str | None = None, *, download: bool = False) -> RawDataset
     try:
         train = datasets.STL10(str(root_dir), split="train", download=download)
         test = datasets.STL10(str(root_dir), split="test", download=download)
-    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError/URLError/OSError
+    except Exception as e:
         raise _torchvision_error("stl10", root_dir, download, e) from e
     # torchvision keeps STL-10 as NCHW.
     return RawDataset(
@@ -617,7 +617,7 @@ def load_glyphs(num_classes: int, instances_per_class: int, size: int, *, test_f
         raise DataSourceError(f"data.source=glyphs: {error}") from None
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
     is_test = np.zeros(len(glyphs.labels), dtype=bool)
-    n_test = max(1, int(round(instances_per_class * test_fraction)))
+    n_test = max(1, round(instances_per_class * test_fraction))
     for c in range(glyphs.num_classes):
         members = np.flatnonzero(glyphs.labels == c)
         is_test[rng.permutation(members)[:n_test]] = True

@@ -38,7 +38,7 @@ class Split:
         path.write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def from_json(cls, path: Path) -> "Split":
+    def from_json(cls, path: Path) -> Split:
         return cls(**json.loads(path.read_text()))
 
 

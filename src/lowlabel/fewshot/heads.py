@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,9 @@ from torch import nn
 
 __all__ = [
     "HEADS",
+    "KNN",
     "CosineClassifier",
     "FewShotClassifier",
-    "KNN",
     "LinearProbe",
     "ProtoNet",
     "build_head",

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import fairness_loss, masked_cross_entropy, pseudo_labels, self_adaptive_thresholds
+from lowlabel.methods.losses import (
+    fairness_loss,
+    masked_cross_entropy,
+    pseudo_labels,
+    self_adaptive_thresholds,
+)
 from lowlabel.methods.semisup import (
     SemisupMethod,
     prediction_shares,

@@ -10,8 +10,9 @@ of losses/stats, and the running statistics it keeps (modules the loop checkpoin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

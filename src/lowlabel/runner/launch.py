@@ -14,8 +14,9 @@ import signal
 import socket
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import ray
 import ray.train
@@ -166,7 +167,7 @@ def latest_checkpoint(storage: Storage, name: str, state_file: str = "state.pt")
     for folder in reversed(storage.checkpoints(name)):
         try:
             torch.load(io.BytesIO(storage.read_bytes(f"{folder}/{state_file}")), map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - any unreadable file means an incomplete checkpoint
+        except Exception:
             log.warning("skipping incomplete checkpoint %s", folder)
             continue
         return ray.train.Checkpoint(folder, filesystem=None if storage.is_local else storage.filesystem)

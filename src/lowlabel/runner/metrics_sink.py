@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 
@@ -54,7 +55,7 @@ class MetricsSink:
         try:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
-        except Exception as error:  # noqa: BLE001 - a tag is not worth a failed job
+        except Exception as error:
             self.last_error = f"{type(error).__name__}: {error}"
 
     def flush(self) -> int:
@@ -63,7 +64,7 @@ class MetricsSink:
             batch = self.pending[:BATCH]
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as error:  # noqa: BLE001 - any tracker failure: keep, retry later
+            except Exception as error:
                 self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 return len(self.pending)
             self.delivered += len(batch)
@@ -112,7 +113,7 @@ def metrics_sink(tracking_uri: str | None, run_id: str | None, *, close_retries:
     finally:
         try:
             summary = ray.get(sink.close.remote(close_retries, close_wait_s), timeout=300)
-        except Exception as error:  # noqa: BLE001 - the sink died: say so, keep the result
+        except Exception as error:
             summary = {"delivered": "?", "undelivered": "?", "error": f"metrics sink failed: {error}"}
         if summary["undelivered"]:
             message = f"MLflow run {run_id}: {summary['undelivered']} metric values could not be delivered ({summary['error']})"

@@ -38,7 +38,7 @@ class Storage:
     root: str
 
     @classmethod
-    def parse(cls, storage_path: str) -> "Storage":
+    def parse(cls, storage_path: str) -> Storage:
         if "://" not in storage_path:
             absolute = str(Path(storage_path).expanduser().resolve())
             return cls(absolute, pafs.LocalFileSystem(), absolute)
@@ -110,7 +110,7 @@ class Storage:
         marker = self.path(MARKER_DIR, token)
         try:
             self.write_bytes(marker, token.encode())
-        except Exception as error:  # noqa: BLE001 - reported with the setting's name
+        except Exception as error:
             raise StorageError(f"runtime.storage_path={self.uri!r} cannot be written: {first_line(error)}") from None
         try:
             probes = {
@@ -123,7 +123,7 @@ class Storage:
         finally:
             try:
                 self.filesystem.delete_file(marker)
-            except Exception:  # noqa: BLE001 - best effort: a marker is a few bytes
+            except Exception:
                 pass
         blind = {ip: answer for ip, answer in seen.items() if answer != token}
         if blind:
@@ -145,5 +145,5 @@ def first_line(error: BaseException) -> str:
 def _read_marker(uri: str, marker: str) -> str:
     try:
         return Storage.parse(uri).read_bytes(marker).decode()
-    except Exception as error:  # noqa: BLE001 - the driver names the node and the error
+    except Exception as error:
         return f"cannot read {marker}: {first_line(error)}"

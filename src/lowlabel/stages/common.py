@@ -11,8 +11,9 @@ import re
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from lowlabel.env import configure_quiet_env
 
@@ -82,7 +83,7 @@ def tracked_run(params: Params, *, stage: str, method: str, dvc_stage: str, sect
     )
 
 
-def _terminate(signum, frame):  # noqa: ARG001
+def _terminate(signum, frame):
     # SIGTERM (dvc/ray killing us) and SIGHUP (the ssh session of `ray submit` dropped) unwind
     # like Ctrl-C, so MLflow runs are closed as FAILED; checkpoints stay for the re-run.
     raise KeyboardInterrupt(f"terminated by signal {signum}")
@@ -147,7 +148,7 @@ def train_in_ray(params: Params, loop: Callable[[dict[str, Any]], None], config:
     try:
         state = run_job(params, loop, config, name)
     except Exception as error:
-        raise _diverged(error, name) or error
+        raise _diverged(error, name) or error  # noqa: B904 - the original error, unchanged
     return state, name
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import mlflow
 import numpy as np
@@ -38,7 +38,17 @@ from lowlabel.fewshot import (
 from lowlabel.models.encoders import build_encoder
 from lowlabel.models.store import ENCODER_FILE, load_encoder
 from lowlabel.runner.worker import seed_everything
-from lowlabel.stages.common import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run, write_csv, write_json
+from lowlabel.stages.common import (
+    METRICS_DIR,
+    MODELS_DIR,
+    PLOTS_DIR,
+    PREPARED_DIR,
+    StageError,
+    stage_main,
+    tracked_run,
+    write_csv,
+    write_json,
+)
 from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN
 
 log = logging.getLogger("lowlabel.fewshot")

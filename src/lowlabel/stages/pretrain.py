@@ -8,7 +8,15 @@ from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData
 from lowlabel.models.store import ENCODER_FILE, save_encoder
 from lowlabel.runner.jobs import pretrain_job
-from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, drop_checkpoints, publish_training_outputs, stage_main, tracked_run, train_in_ray
+from lowlabel.stages.common import (
+    MODELS_DIR,
+    PREPARED_DIR,
+    drop_checkpoints,
+    publish_training_outputs,
+    stage_main,
+    tracked_run,
+    train_in_ray,
+)
 from lowlabel.stages.preflight import check_before_training
 from lowlabel.train.pretrain import pretrain_loop
 

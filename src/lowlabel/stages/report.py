@@ -13,12 +13,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on CI or cluster heads
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
+import matplotlib.pyplot as plt
+import mlflow
 
-from lowlabel.config import Params  # noqa: E402
-from lowlabel.data.prepared import atomic_write_text  # noqa: E402
-from lowlabel.stages.common import METRICS_DIR, REPORTS_DIR, StageError, stage_main, tracked_run, write_json  # noqa: E402
+from lowlabel.config import Params
+from lowlabel.data.prepared import atomic_write_text
+from lowlabel.stages.common import METRICS_DIR, REPORTS_DIR, StageError, stage_main, tracked_run, write_json
 
 
 def _load(path: Path) -> dict:

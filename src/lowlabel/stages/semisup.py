@@ -10,6 +10,7 @@ from lowlabel.config import SEMISUP_METHODS, Params
 from lowlabel.data.prepared import PreparedData
 from lowlabel.models.heads import Classifier
 from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
+from lowlabel.runner.jobs import semisup_job
 from lowlabel.stages.common import (
     MODELS_DIR,
     PREPARED_DIR,
@@ -21,7 +22,6 @@ from lowlabel.stages.common import (
     train_in_ray,
 )
 from lowlabel.stages.preflight import check_before_training
-from lowlabel.runner.jobs import semisup_job
 from lowlabel.tracking import TAG_INIT_RUN
 from lowlabel.train.semisup import semisup_loop
 

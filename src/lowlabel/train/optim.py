@@ -27,7 +27,7 @@ def build_optimizer(
     name = {"sgd": "sgd" if nesterov else "momentum", "adamw": "adamw", "lars": "lars"}[optimizer]
     kwargs = {"momentum": momentum} if optimizer in ("sgd", "lars") else {}
     opt = timm.optim.create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay, filter_bias_and_bn=True, **kwargs)
-    warmup = int(round(warmup_fraction * total_steps))
+    warmup = round(warmup_fraction * total_steps)
     schedule = timm.scheduler.CosineLRScheduler(
         opt, t_initial=max(1, total_steps), warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else 0.0, warmup_prefix=True, t_in_epochs=False
     )

@@ -22,7 +22,7 @@ from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.methods import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
-from lowlabel.runner.inputs import open_data, open_init_encoder
+from lowlabel.runner.inputs import open_data
 from lowlabel.runner.worker import (
     MetricsLogger,
     Progress,

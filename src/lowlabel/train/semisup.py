@@ -29,7 +29,16 @@ from lowlabel.methods import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier, fit_linear_head
 from lowlabel.runner.inputs import open_data, open_init_encoder
-from lowlabel.runner.worker import MetricsLogger, Progress, check_finite, load_state, maybe_inject_fault, print_main, report, setup_worker
+from lowlabel.runner.worker import (
+    MetricsLogger,
+    Progress,
+    check_finite,
+    load_state,
+    maybe_inject_fault,
+    print_main,
+    report,
+    setup_worker,
+)
 from lowlabel.train.optim import build_optimizer
 
 
