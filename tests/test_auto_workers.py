@@ -58,7 +58,8 @@ def auto_params(tmp_path, **sections):
 
 
 def test_stage_records_the_resolved_count(ray_two_cpus, tmp_path, monkeypatch):
-    from lowlabel.stages.common import resolve_auto_workers, tracked_run
+    from lowlabel.stages.common import tracked_run
+    from lowlabel.stages.training import resolve_auto_workers
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -72,7 +73,7 @@ def test_stage_records_the_resolved_count(ray_two_cpus, tmp_path, monkeypatch):
 
 
 def test_batch_check_fires_once_auto_is_resolved(ray_two_cpus, tmp_path, monkeypatch):
-    from lowlabel.stages.common import resolve_auto_workers
+    from lowlabel.stages.training import resolve_auto_workers
 
     monkeypatch.chdir(tmp_path)
     params = auto_params(tmp_path, pretrain={"batch_size": 255})  # fine at parse time; odd for 2 workers

@@ -61,7 +61,7 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_latest_checkpoint_skips_incomplete_and_code_carrying_files(where, tmp_path, request):
+def test_latest_checkpoint_skips_cut_off_files_and_refuses_code_carrying_ones(where, tmp_path, request):
     if where == "s3":
         request.getfixturevalue("s3_env")
         make_bucket("store-latest")
@@ -75,8 +75,11 @@ def test_latest_checkpoint_skips_incomplete_and_code_carrying_files(where, tmp_p
     good = io.BytesIO()
     torch.save({"epoch": 1, "w": torch.ones(2)}, good)
     put("checkpoint_2026-01-01_00-00-00.000000", good.getvalue())
-    put("checkpoint_2026-01-02_00-00-00.000000", pickle.dumps(_RunsCode()))  # a tampered file
     put("checkpoint_2026-01-03_00-00-00.000000", good.getvalue()[:20])  # cut off mid-write
     found = latest_checkpoint(storage, "job")
     assert found is not None and found.path.endswith("checkpoint_2026-01-01_00-00-00.000000")
     assert latest_checkpoint(storage, "nothing-here") is None
+    # A file no training wrote (it carries code): the stage stops naming it, nothing is run.
+    put("checkpoint_2026-01-02_00-00-00.000000", pickle.dumps(_RunsCode()))
+    with pytest.raises(StorageError, match=r"checkpoint_2026-01-02_00-00-00\.000000/state\.pt cannot be loaded: it holds code"):
+        latest_checkpoint(storage, "job")

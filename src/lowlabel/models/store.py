@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowlabel.atomic import atomic_write
 from lowlabel.models.encoders import build_encoder
 
 ENCODER_FILE = "encoder.pt"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write under a temporary name, then rename: a killed stage never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`lowlabel.atomic.atomic_write`: whole, durable, or absent."""
+    # Serialised in memory first: torch's zip writer turns a full disk into a RuntimeError
+    # ("unexpected pos"), a plain write reports it as the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def save_encoder(path: Path, state_dict: dict[str, torch.Tensor], *, arch: str, width: int, in_chans: int, **meta: Any) -> None:

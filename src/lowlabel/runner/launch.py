@@ -8,6 +8,7 @@ job that can never be scheduled fails at once instead of waiting forever.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -24,9 +25,10 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from lowlabel.env import configure_quiet_env
+from lowlabel.errors import UserError
 from lowlabel.runner.inputs import inputs_nbytes, ship_inputs
 from lowlabel.runner.metrics_sink import metrics_sink
-from lowlabel.runner.storage import Storage, StorageError  # noqa: F401  (StorageError: re-exported for stages)
+from lowlabel.runner.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ STORAGE_ENV = (
 )
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run the job as configured."""
 
 
@@ -158,15 +160,28 @@ def latest_checkpoint(storage: Storage, name: str, state_file: str = "state.pt")
 
     Ray names checkpoint folders by timestamp; one whose state file does not load (the run was
     killed while writing it) is passed over for the one before. Loaded with ``weights_only``:
-    anyone who can write to shared storage must not get code run on the driver.
+    anyone who can write to shared storage must not get code run on the driver. A state file
+    the safe loader refuses for its content (not cut off: it holds objects no training loop
+    writes) stops the stage naming it, rather than being passed over as if incomplete.
     """
     import io
+    import pickle
+    import warnings
 
     import torch
 
     for folder in reversed(storage.checkpoints(name)):
+        state = f"{folder}/{state_file}"
         try:
-            torch.load(io.BytesIO(storage.read_bytes(f"{folder}/{state_file}")), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: noise here
+                warnings.simplefilter("ignore")
+                torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise StorageError(
+                f"{state} cannot be loaded: it holds code or objects other than weights, refused by the safe loader "
+                f"(nothing in it was run); this checkpoint of Ray run {name} (runtime.storage_path) was not written "
+                f"by training: inspect it, remove {folder} and re-run"
+            ) from None
         except Exception:
             log.warning("skipping incomplete checkpoint %s", folder)
             continue
@@ -191,17 +206,19 @@ def run_training_job(
     """Run ``train_loop(config)`` on ``workers`` Ray Train workers; returns the Result.
 
     ``workers="auto"`` is resolved here (:func:`resolve_workers`); stages resolve it before
-    (lowlabel.stages.common.resolve_auto_workers) to check it against their batch sizes.
+    (lowlabel.stages.training.resolve_auto_workers) to check it against their batch sizes.
 
     The run directory ``storage_path/name`` holds the checkpoints; a re-run under the same
     name resumes from its latest complete one (the loop reads ``ray.train.get_checkpoint()``),
     so a killed stage loses at most the epoch in progress.
     """
+    storage = Storage.parse(storage_path)
+    # Before Ray starts: a checkpoint that must not be loaded stops the stage right here.
+    resume = latest_checkpoint(storage, name)
     ensure_ray(cluster_address(ray_address), local_num_cpus, object_store_bytes=inputs_nbytes(config))
     gpu = resolve_use_gpu(use_gpu)
     workers = resolve_workers(workers, cpus_per_worker, gpu, gpus_per_worker)
     check_resources(workers, cpus_per_worker, gpu)
-    storage = Storage.parse(storage_path)
     storage.check_writable()
     storage.check_visible_from_nodes()
     # A fraction < 1 lets several small jobs share one GPU (benchmark grids); stages use 1.
@@ -209,7 +226,6 @@ def run_training_job(
     # Ray Train V2 neither resumes a re-run by itself nor keeps `resume_from_checkpoint`
     # (deprecated): the loop gets the checkpoint through its config and loads it when Ray has
     # no newer checkpoint of this job (ray.train.get_checkpoint() after a worker restart).
-    resume = latest_checkpoint(storage, name)
     if resume is not None:
         print(f"[{name}] resuming from {resume.path}", flush=True)
     config, shipped = ship_inputs(config)
@@ -230,7 +246,12 @@ def run_training_job(
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        return trainer.fit()
+        result = trainer.fit()
+    if result.checkpoint is None and result.error is None and resume is not None:
+        # Resumed from the final checkpoint (the stage had trained, then failed writing its
+        # outputs): the loop had nothing left to do, so that checkpoint is the result.
+        result = dataclasses.replace(result, checkpoint=resume)
+    return result
 
 
 def remove_run(storage_path: str, name: str) -> None:

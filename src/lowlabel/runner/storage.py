@@ -21,10 +21,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray
 
+from lowlabel.errors import UserError, first_line
+
 MARKER_DIR = ".lowlabel-storage-check"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """``runtime.storage_path`` cannot hold this job's checkpoints; the message says why."""
 
 
@@ -133,12 +135,6 @@ class Storage:
                 "Checkpoints must be reachable from all nodes: use an object store URI (s3://bucket/prefix) "
                 "or a filesystem mounted at the same path on every node (NFS/EFS)"
             )
-
-
-def first_line(error: BaseException) -> str:
-    """``Type: first line of the message``: enough to name the failure in a one-line error."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -36,7 +36,7 @@ from lowlabel.fewshot import (
     split_last_block,
 )
 from lowlabel.models.encoders import build_encoder
-from lowlabel.models.store import ENCODER_FILE, load_encoder
+from lowlabel.models.store import ENCODER_FILE
 from lowlabel.runner.worker import seed_everything
 from lowlabel.stages.common import (
     METRICS_DIR,
@@ -49,6 +49,7 @@ from lowlabel.stages.common import (
     write_csv,
     write_json,
 )
+from lowlabel.stages.encoder_files import load_encoder_file
 from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN
 
 log = logging.getLogger("lowlabel.fewshot")
@@ -194,14 +195,18 @@ def fewshot(params: Params) -> dict:
     data = PreparedData.load(PREPARED_DIR)
     novel_labels = data.novel_pool_labels()
     plans = plan_episodes(params, novel_labels)
+    # Every encoder loaded before the first MLflow run: a bad file stops the stage naming it,
+    # not after the encoders before it were evaluated.
+    encoders = {}
+    for name, path in encoder_paths(params).items():
+        if path is None:
+            encoders[name] = random_encoder(params, data.in_chans), {}
+        else:  # name "pretrain/simclr" is written by the DVC stage pretrain@simclr
+            encoders[name] = load_encoder_file(path, f"dvc repro {name.replace('/', '@', 1)}")
     results: dict[str, dict] = {}
     rows = []
-    for name, path in encoder_paths(params).items():
+    for name, (encoder, meta) in encoders.items():
         started = time.perf_counter()
-        if path is None:
-            encoder, meta = random_encoder(params, data.in_chans), {}
-        else:
-            encoder, meta = load_encoder(path)
         tags = {TAG_ENCODER: name, TAG_INIT_RUN: meta.get("mlflow_run_id", "")}
         with tracked_run(
             params, stage="fewshot", method=name, dvc_stage="fewshot", sections=("seed", "fewshot"), tags=tags, run_name=f"fewshot {name}"

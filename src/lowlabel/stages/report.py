@@ -16,8 +16,8 @@ matplotlib.use("Agg")  # headless: no display on CI or cluster heads
 import matplotlib.pyplot as plt
 import mlflow
 
+from lowlabel.atomic import atomic_write_text
 from lowlabel.config import Params
-from lowlabel.data.prepared import atomic_write_text
 from lowlabel.stages.common import METRICS_DIR, REPORTS_DIR, StageError, stage_main, tracked_run, write_json
 
 

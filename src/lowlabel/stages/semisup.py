@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from lowlabel.atomic import atomic_dir
 from lowlabel.config import SEMISUP_METHODS, Params
 from lowlabel.data.prepared import PreparedData
 from lowlabel.models.heads import Classifier
 from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
 from lowlabel.runner.jobs import semisup_job
-from lowlabel.stages.common import (
-    MODELS_DIR,
-    PREPARED_DIR,
-    StageError,
-    drop_checkpoints,
-    publish_training_outputs,
-    stage_main,
-    tracked_run,
-    train_in_ray,
-)
-from lowlabel.stages.preflight import check_before_training
+from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run
+from lowlabel.stages.encoder_files import load_encoder_file
+from lowlabel.stages.preflight import check_before_training, check_storage
+from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
 from lowlabel.tracking import TAG_INIT_RUN
 from lowlabel.train.semisup import semisup_loop
 
@@ -33,7 +25,8 @@ def init_encoder(params: Params) -> tuple[str | None, str]:
     path = MODELS_DIR / "pretrain" / params.semisup.init / ENCODER_FILE
     if not path.is_file():
         raise StageError(f"semisup.init={params.semisup.init!r} but {path} does not exist; run `dvc repro pretrain@{params.semisup.init}` first")
-    meta = torch.load(path, map_location="cpu", weights_only=True)
+    # Loaded whole here, before any MLflow run or Ray: a bad file stops the stage naming it.
+    _, meta = load_encoder_file(path, f"dvc repro pretrain@{params.semisup.init}")
     return str(path.resolve()), meta.get("mlflow_run_id", "")
 
 
@@ -41,13 +34,14 @@ def semisup(params: Params, method: str) -> dict:
     cfg = params.semisup
     data = PreparedData.load(PREPARED_DIR)
     check_before_training(params, data)
+    check_storage(params)
     init_path, init_run = init_encoder(params)
     dvc_stage = f"semisup@{method}"
     tags = {TAG_INIT_RUN: init_run, "lowlabel.init": cfg.init}
     with tracked_run(
         params, stage="semisup", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "semisup"), tags=tags
     ) as run:
-        config, name = semisup_job(params, method, init_path)
+        config, name = semisup_job(params, method, init_path, inputs=(PREPARED_DIR,))
         state, ray_run = train_in_ray(params, semisup_loop, config, name)
         history = state["history"]
         last = history[-1]
@@ -64,13 +58,15 @@ def semisup(params: Params, method: str) -> dict:
         # The EMA weights are the ones evaluated, so they are the ones handed on.
         encoder_state = Classifier.encoder_state(state["ema"])
         out = MODELS_DIR / "semisup" / method / ENCODER_FILE
-        save_encoder(
-            out, encoder_state, arch=params.encoder.arch, width=params.encoder.width, in_chans=data.in_chans,
-            image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id, init_run_id=init_run,
-        )
-        atomic_torch_save(state["ema"], out.with_name("classifier_ema.pt"))
-        publish_training_outputs("semisup", method, metrics, history, out, data.in_chans, data.image_size)
-        drop_checkpoints(params, ray_run)
+        with training_outputs(params, ray_run):
+            with atomic_dir(out.parent) as folder:
+                save_encoder(
+                    folder / ENCODER_FILE, encoder_state, arch=params.encoder.arch, width=params.encoder.width,
+                    in_chans=data.in_chans, image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
+                    init_run_id=init_run,
+                )
+                atomic_torch_save(state["ema"], folder / "classifier_ema.pt")
+            publish_training_outputs("semisup", method, metrics, history, out, data.in_chans, data.image_size)
     return metrics
 
 
