@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 # A stage's worth of per-epoch metrics is small; past this many undelivered, the oldest go.
 MAX_PENDING = 100_000
+# On a run whose metrics did not all reach the tracker: how many values are missing.
+UNDELIVERED_TAG = "lowlabel.metrics_undelivered"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -33,11 +36,17 @@ class MetricsSink:
         from lowlabel.env import configure_quiet_env
 
         configure_quiet_env()
+        # This actor retries on its own (what is pending goes with the next call), so each
+        # attempt fails fast: MLflow's default 7 HTTP retries with backoff would hold it for
+        # minutes per call during an outage. Its own process: the driver's client keeps them.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
         self.pending: list[Any] = []
+        self.pending_tags: dict[str, str] = {}
         self.delivered = 0
         self.dropped = 0
         self.last_error = ""
@@ -52,14 +61,20 @@ class MetricsSink:
         self.flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        try:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, value)
-        except Exception as error:
-            self.last_error = f"{type(error).__name__}: {error}"
+        self.pending_tags |= tags
+        self.flush()
 
     def flush(self) -> int:
-        """Deliver what is pending; returns how many are still undelivered."""
+        """Deliver what is pending; returns how many values (metrics and tags) are still undelivered."""
+        from mlflow.entities import RunTag
+
+        if self.pending_tags:
+            try:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.pending_tags.items()])
+                self.pending_tags = {}
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                return len(self.pending) + len(self.pending_tags)
         while self.pending:
             batch = self.pending[:BATCH]
             try:
@@ -77,7 +92,8 @@ class MetricsSink:
                 break
             if attempt < retries:
                 time.sleep(wait_s)
-        return {"delivered": self.delivered, "undelivered": len(self.pending) + self.dropped, "error": self.last_error}
+        undelivered = len(self.pending) + len(self.pending_tags) + self.dropped
+        return {"delivered": self.delivered, "undelivered": undelivered, "error": self.last_error}
 
 
 class SinkClient:
@@ -96,11 +112,12 @@ class SinkClient:
 
 
 @contextmanager
-def metrics_sink(tracking_uri: str | None, run_id: str | None, *, close_retries: int = 3, close_wait_s: float = 2.0) -> Iterator[Any]:
+def metrics_sink(tracking_uri: str | None, run_id: str | None, *, close_retries: int = 12, close_wait_s: float = 5.0) -> Iterator[Any]:
     """A sink for the run on this (the driver's) node, or None when nothing is tracked.
 
-    On exit, pending metrics get a few more tries; any that still cannot be delivered are
-    reported (a warning that says how many and why), never raised: the training result stands."""
+    On exit, pending metrics get a minute more of tries; any that still cannot be delivered are
+    reported (a warning that says how many and why, and the run's tag ``lowlabel.metrics_undelivered``
+    when the tracker is reachable again), never raised: the training result stands."""
     if not (tracking_uri and run_id):
         yield None
         return
@@ -119,4 +136,10 @@ def metrics_sink(tracking_uri: str | None, run_id: str | None, *, close_retries:
             message = f"MLflow run {run_id}: {summary['undelivered']} metric values could not be delivered ({summary['error']})"
             log.warning(message)
             print(f"warning: {message}", flush=True)
+            try:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri).set_tag(run_id, UNDELIVERED_TAG, str(summary["undelivered"]))
+            except Exception as error:  # the warning above already says it; the run goes on
+                log.warning("could not tag the run with the undelivered count: %s", error)
         ray.kill(sink)
