@@ -6,6 +6,7 @@ stage would (no MLflow needed: tracking keys are only added when a run is given)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowlabel.config import Params
+from lowlabel.errors import UserError
 from lowlabel.methods.moco import default_queue_size
 from lowlabel.runner.launch import run_training_job
 from lowlabel.runner.worker import read_state
@@ -22,7 +24,7 @@ from lowlabel.runner.worker import read_state
 KNN_BANK_SIZE = 5000
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """A training job ended without what it must leave behind."""
 
 
@@ -56,6 +58,30 @@ def params_hash(*sections: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def files_fingerprint(*paths: str | Path, suffix: str = "") -> str:
+    """sha256 over the names and bytes of the files at ``paths`` (folders walked in sorted order;
+    with ``suffix``, only files ending so). Part of a Ray run's name: a killed stage resumes
+    only a run of the same code and the same inputs."""
+    digest = hashlib.sha256()
+    for root in map(Path, paths):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            if not file.name.endswith(suffix):
+                continue
+            name = file.relative_to(root) if root.is_dir() else file.name
+            digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The lowlabel package's source, as a Ray run sees it (every module a job may import)."""
+    return files_fingerprint(Path(__file__).resolve().parents[1], suffix=".py")
+
+
 def common_config(params: Params, data_dir: str | Path, tracking_uri: str | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Keys every training loop reads."""
     rt = params.runtime
@@ -73,8 +99,9 @@ def common_config(params: Params, data_dir: str | Path, tracking_uri: str | None
     }
 
 
-def pretrain_job(params: Params, method: str, num_images: int) -> tuple[dict[str, Any], str]:
-    """(loop config without the common keys, Ray run name) of ``pretrain@<method>``."""
+def pretrain_job(params: Params, method: str, num_images: int, inputs: tuple[str | Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    """(loop config without the common keys, Ray run name) of ``pretrain@<method>``; the name
+    hashes the params, the code and the files ``inputs`` (the prepared data)."""
     cfg = params.pretrain
     kwargs = getattr(cfg, method).model_dump()
     if method == "moco" and kwargs["queue_size"] is None:
@@ -93,12 +120,14 @@ def pretrain_job(params: Params, method: str, num_images: int) -> tuple[dict[str
         "knn_k": cfg.knn_k,
         "knn_bank_size": KNN_BANK_SIZE,
     }
-    name = f"pretrain-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+    fingerprint = [code_fingerprint(), files_fingerprint(*inputs)]
+    name = f"pretrain-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg, fingerprint)}"
     return config, name
 
 
-def semisup_job(params: Params, method: str, init_encoder: str | None) -> tuple[dict[str, Any], str]:
-    """(loop config without the common keys, Ray run name) of ``semisup@<method>``."""
+def semisup_job(params: Params, method: str, init_encoder: str | None, inputs: tuple[str | Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    """(loop config without the common keys, Ray run name) of ``semisup@<method>``; the name
+    hashes the params, the code, the starting encoder and the files ``inputs``."""
     cfg = params.semisup
     config = {
         "label": f"semisup@{method}",
@@ -114,5 +143,6 @@ def semisup_job(params: Params, method: str, init_encoder: str | None) -> tuple[
         "method_kwargs": getattr(cfg, method).model_dump() if hasattr(cfg, method) else {},
         "randaugment": cfg.randaugment.model_dump(),
     }
-    name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg)}"
+    fingerprint = [code_fingerprint(), files_fingerprint(*inputs, *([init_encoder] if init_encoder else []))]
+    name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg, fingerprint)}"
     return config, name
