@@ -79,9 +79,9 @@ def project(tmp_path_factory):
 def test_first_repro_runs_every_stage_and_writes_outputs(project):
     root, _, first = project
     ran = ran_stages(first.stdout)
-    assert sorted(ran) == sorted(["prepare", "pretrain@simclr", "pretrain@moco", "semisup@fixmatch", "semisup@supervised", "fewshot", "report"])
+    assert sorted(ran) == sorted(["source", "prepare", "pretrain@simclr", "pretrain@moco", "semisup@fixmatch", "semisup@supervised", "fewshot", "report"])
     order = {stage: i for i, stage in enumerate(ran)}
-    assert order["prepare"] == 0 and order["report"] == len(ran) - 1
+    assert order["source"] == 0 and order["prepare"] == 1 and order["report"] == len(ran) - 1
     assert max(order["pretrain@simclr"], order["pretrain@moco"]) < min(order["semisup@fixmatch"], order["semisup@supervised"])
     for path in ("data/prepared/split.json", "models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "reports/report.md", "reports/fewshot_shots.png"):
         assert (root / path).is_file(), path
@@ -114,7 +114,7 @@ def test_every_mlflow_run_finished_and_linked(project):
 def test_second_repro_is_a_noop(project):
     root, env, _ = project
     again = sh(["dvc", "repro"], root, env)
-    assert ran_stages(again.stdout) == []
+    assert ran_stages(again.stdout) == ["source"]  # always runs: fingerprints the source data, unchanged
 
 
 def test_param_change_reruns_only_affected_stages(project):
@@ -123,5 +123,5 @@ def test_param_change_reruns_only_affected_stages(project):
     params["fewshot"]["episodes"] = 60
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(["dvc", "repro"], root, env)
-    assert ran_stages(out.stdout) == ["fewshot", "report"]
+    assert ran_stages(out.stdout) == ["source", "fewshot", "report"]
     assert json.loads((root / "metrics/fewshot.json").read_text())["episodes"] == 60

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowlabel.methods import SEMISUP_REGISTRY
 from lowlabel.methods.freematch import SelfAdaptiveThreshold
 from lowlabel.methods.losses import align_distribution, self_adaptive_thresholds
 from lowlabel.methods.semisup import DistributionAlignment, prediction_balance
+from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
 
 UNLABELED_METHODS = ["fixmatch", "uda", "freematch"]
 

@@ -1,14 +1,21 @@
 """Training methods: self-supervised (``SSLMethod`` subclasses) and semi-supervised ones
-(``SemisupMethod``: a step function and its running statistics, one module each)."""
+(``SemisupMethod``: a step function and its running statistics, one module each).
+
+This package's ``__init__`` runs whenever any method module is imported, so it holds only the
+self-supervised registry: the pretrain stage then never loads semi-supervised code, and DVC
+does not re-run pretraining when only that code changes (tests/test_dvc_deps.py). The
+semi-supervised registry is ``lowlabel.methods.semisup_registry.SEMISUP_REGISTRY``.
+"""
 
 from lowlabel.methods.base import MomentumSSLMethod, SSLMethod
-from lowlabel.methods.freematch import FREEMATCH
 from lowlabel.methods.moco import MoCo
-from lowlabel.methods.semisup import FIXMATCH, SUPERVISED, UDA, SemisupMethod
 from lowlabel.methods.simclr import SimCLR
 
 PRETRAIN_METHODS: dict[str, type[SSLMethod]] = {SimCLR.name: SimCLR, MoCo.name: MoCo}
-# The names are params.yaml's (config.SEMISUP_METHODS; a test checks they agree).
-SEMISUP_REGISTRY: dict[str, SemisupMethod] = {"supervised": SUPERVISED, "fixmatch": FIXMATCH, "uda": UDA, "freematch": FREEMATCH}
 
-__all__ = ["PRETRAIN_METHODS", "SEMISUP_REGISTRY", "MoCo", "MomentumSSLMethod", "SSLMethod", "SemisupMethod", "SimCLR"]
+# What the preflight check (run by every training stage, pretrain included) needs to know of
+# the semi-supervised methods, without importing them; a test checks it agrees with
+# SEMISUP_REGISTRY's ``uses_unlabeled``.
+SEMISUP_USES_UNLABELED: dict[str, bool] = {"supervised": False, "fixmatch": True, "uda": True, "freematch": True}
+
+__all__ = ["PRETRAIN_METHODS", "SEMISUP_USES_UNLABELED", "MoCo", "MomentumSSLMethod", "SSLMethod", "SimCLR"]
