@@ -1,13 +1,7 @@
-import re
-from pathlib import Path
-
 import pytest
 
 from lowlabel.config import ConfigError, load_params
-from lowlabel.data.glyphs import GLYPH_FONT_PACKAGES
 from lowlabel.presets import available, build, main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", available())
@@ -26,9 +20,3 @@ def test_presets_exist_for_the_benchmarks():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError, match="available: .*glyphs"):
         build("nope")
-
-
-def test_pipeline_setup_installs_the_glyph_fonts():
-    script = (REPO / "pipeline").read_text()
-    packages = set(re.search(r'APT_PACKAGES="([^"]+)"', script).group(1).split())
-    assert set(GLYPH_FONT_PACKAGES) <= packages and "dataset-fashion-mnist" in packages
