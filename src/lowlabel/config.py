@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lowlabel.errors import UserError
+
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -25,7 +27,7 @@ SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "supervised")
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "finetune")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A problem in params.yaml, phrased for the person who edits it."""
 
 
@@ -298,16 +300,18 @@ def _check_batch_split(params: Params, workers: int, shown: str) -> None:
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    problems = []
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"]) or "<top level>"
         if not item["loc"]:  # a cross-field check: its message names the fields
-            lines.append(f"  - {item['msg'].removeprefix('Value error, ')}")
+            problems.append(item["msg"].removeprefix("Value error, "))
         elif item["type"] == "extra_forbidden":
-            lines.append(f"  - {path}: unknown key (value {item['input']!r}); check the spelling against README's params table")
+            problems.append(f"{path}: unknown key (value {item['input']!r}); check the spelling against README's params table")
         else:
-            lines.append(f"  - {path}: {item['msg']} (got {item['input']!r})")
-    return "\n".join(lines)
+            problems.append(f"{path}: {item['msg'].removeprefix('Value error, ')} (got {item['input']!r})")
+    if len(problems) == 1:  # the common case: one line, file, field and value together
+        return f"{source}: {problems[0]}"
+    return "\n".join([f"{source}: {len(problems)} invalid settings:", *(f"  - {problem}" for problem in problems)])
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

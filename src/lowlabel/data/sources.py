@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lowlabel.errors import UserError
+
 __all__ = [
     "ALLOWED_SOURCES",
     "FASHION_MNIST_CLASSES",
@@ -70,7 +72,7 @@ ON_CORRUPT_CHOICES: tuple[str, ...] = ("skip", "error")
 _MAX_LISTED = 10  # how many offending paths an error/warning message spells out
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """A user-fixable problem with a data source; the message names file/setting and value."""
 
 
@@ -447,6 +449,12 @@ def load_imagefolder(
             f"data.root={str(root)!r} contains no class folders; expected root/<class>/<images> "
             "or root/train/<class>/... + root/test/<class>/..."
         )
+    if len(class_names) < 2:
+        # Checked before decoding: no split can hold both base classes and novel classes.
+        raise DataSourceError(
+            f"data.root={str(root)!r} has one class folder ({class_names[0]!r}); the pipeline needs at least 2 classes: "
+            "base classes to train on and data.novel_classes held out for few-shot"
+        )
 
     # Decode everything once; resizing/conversion happens per image so memory holds only
     # final-size arrays. With channels unset, gray images stay 1-channel until we know
@@ -530,7 +538,12 @@ def load_imagefolder(
         train_x, train_y = collect([items[i] for i in tr])
         test_x, test_y = collect([items[i] for i in te])
         if test_x.shape[0] == 0:
-            logger.warning("imagefolder %s: every class has < 2 images, so the test split is empty", base)
+            # Nothing to evaluate on: every later stage would fail on the empty test split.
+            counts = {name: int((labels == label).sum()) for label, name in enumerate(class_names)}
+            raise DataSourceError(
+                f"data.root={str(root)!r}: every class folder has fewer than 2 readable images {counts}, so the test split "
+                "is empty; each class needs at least 2 (one to train on, one to test on)"
+            )
     logger.info(
         "imagefolder %s: %d classes, %d train / %d test images of %dx%dx%d, %d skipped",
         base, len(class_names), train_x.shape[0], test_x.shape[0], *hw, n_channels, len(corrupt),

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lowlabel.errors import UserError
 
-class SplitError(ValueError):
+
+class SplitError(UserError, ValueError):
     """The requested split cannot be made from this data; the message names the field."""
 
 

@@ -4,19 +4,19 @@ Each training stage runs this before it opens an MLflow run or starts Ray, so a 
 cannot work with this data (a pretraining batch larger than the images, no unlabeled image
 left for a semi-supervised method, novel classes too small for the few-shot episodes) stops
 the first training stage in a second, naming the settings, instead of failing inside a Ray
-worker or in the fewshot stage after every training stage has run.
+worker or in the fewshot stage after every training stage has run. So does a
+``runtime.storage_path`` that cannot be written.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from lowlabel.config import Params
 from lowlabel.data.prepared import PreparedData
-from lowlabel.methods import SEMISUP_REGISTRY
+from lowlabel.errors import UserError
+from lowlabel.methods import SEMISUP_USES_UNLABELED
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
     """Settings that cannot work with the prepared data; the message names them and the data."""
 
 
@@ -30,15 +30,17 @@ def pipeline_problems(params: Params, data: PreparedData) -> list[str]:
             f"pretrain.batch_size={params.pretrain.batch_size} is larger than the {pretrain_images} base-class training images "
             f"(data.max_train_per_class={params.data.max_train_per_class})"
         )
-    with_unlabeled = [m for m in params.semisup.methods if SEMISUP_REGISTRY[m].uses_unlabeled]
+    with_unlabeled = [m for m in params.semisup.methods if SEMISUP_USES_UNLABELED[m]]
     if with_unlabeled and not split.unlabeled:
         problems.append(
             f"data.labels_per_class={params.data.labels_per_class} labels every base-class training image: "
             f"semisup.methods {with_unlabeled} need unlabeled images"
         )
-    classes, counts = np.unique(data.novel_pool_labels(), return_counts=True)
+    pool = data.novel_pool_labels()
     need = max(params.fewshot.shots) + params.fewshot.queries
-    short = {int(c): int(n) for c, n in zip(classes, counts) if n < need}
+    # Over the split's novel classes, not the pool's labels: a class with no image is short too.
+    counts = {int(c): int((pool == c).sum()) for c in split.novel_classes}
+    short = {c: n for c, n in counts.items() if n < need}
     if short:
         problems.append(
             f"fewshot.shots (up to {max(params.fewshot.shots)}) + fewshot.queries ({params.fewshot.queries}) need {need} images of "
@@ -51,3 +53,12 @@ def check_before_training(params: Params, data: PreparedData) -> None:
     problems = pipeline_problems(params, data)
     if problems:
         raise PreflightError(f"{data.root}: " + "; ".join(problems))
+
+
+def check_storage(params: Params) -> None:
+    """``runtime.storage_path`` takes a write before any MLflow run or Ray starts (a path under a
+    file, a read-only mount, a missing bucket): StorageError naming it. The runner checks again,
+    from every node of a cluster, once Ray is up."""
+    from lowlabel.runner.storage import Storage
+
+    Storage.parse(params.runtime.storage_path).check_writable()
