@@ -125,3 +125,35 @@ def self_adaptive_threshold_steps(rank: int, world: int, port: int, out: str) ->
         record["buffers"].append({k: v.clone() for k, v in sat.state_dict().items()})
     torch.save(record, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def toy_decorrelation(method: str):
+    """Barlow Twins or VICReg, BatchNorm-free: the batch statistics are the loss's alone."""
+    from lowlabel.methods import PRETRAIN_METHODS
+
+    torch.manual_seed(0)
+    model = PRETRAIN_METHODS[method](nn.Sequential(nn.Linear(6, 8), nn.Tanh()), 8, proj_hidden_dim=8, proj_dim=5, gather_distributed=True)
+    model.projector = nn.Linear(8, 5)
+    return model.double()
+
+
+def decorrelation_step(method: str, rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    model = DDP(toy_decorrelation(method))
+    v1, v2 = simclr_views(12)
+    share = len(v1) // world
+    mine = slice(rank * share, (rank + 1) * share)
+    loss = model([v1[mine], v2[mine]])["loss"]
+    loss.backward()
+    losses = gather_no_grad(loss.detach().reshape(1))
+    if rank == 0:
+        torch.save({"losses": losses, "grads": [p.grad for p in model.module.parameters()]}, out)
+    dist.destroy_process_group()
+
+
+def barlow_twins_step(rank: int, world: int, port: int, out: str) -> None:
+    decorrelation_step("barlowtwins", rank, world, port, out)
+
+
+def vicreg_step(rank: int, world: int, port: int, out: str) -> None:
+    decorrelation_step("vicreg", rank, world, port, out)

@@ -42,7 +42,7 @@ def test_bad_literal_lists_allowed_values():
         ({"semisup": {"fixmatch": {"threshold": 1.5}}}, "semisup.fixmatch.threshold"),
         ({"semisup": {"fixmatch": {"mu": 0}}}, "semisup.fixmatch.mu"),
         ({"pretrain": {"simclr": {"temperature": 0}}}, "pretrain.simclr.temperature"),
-        ({"pretrain": {"methods": ["byol"]}}, "pretrain.methods.0"),
+        ({"pretrain": {"methods": ["swav"]}}, "pretrain.methods.0"),
         ({"data": {"labels_per_class": 0}}, "data.labels_per_class"),
         ({"encoder": {"arch": "vgg"}}, "encoder.arch"),
         ({"fewshot": {"heads": ["maml"]}}, "fewshot.heads.0"),

@@ -35,6 +35,27 @@ def test_simclr_two_workers_equal_one_worker_on_the_union(tmp_path):
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("method, step", [("barlowtwins", W.barlow_twins_step), ("vicreg", W.vicreg_step)])
+def test_decorrelation_losses_two_workers_equal_one_worker_on_the_union(tmp_path, method, step):
+    """Barlow Twins' cross-correlation and VICReg's variance/covariance are statistics of the
+    global batch: each worker computes the union's loss, and DDP's averaged gradient is the
+    1-worker gradient (not 1/world_size of it: lightly#1977)."""
+    spawn(step, tmp_path / "ddp.pt")
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    single = W.toy_decorrelation(method)
+    single.gather_distributed = False
+    v1, v2 = W.simclr_views(12)
+    loss = single([v1, v2])["loss"]
+    loss.backward()
+    assert ddp["losses"].tolist() == pytest.approx([loss.item()] * 2, rel=1e-10)
+    for got, want in zip(ddp["grads"], [p.grad for p in single.parameters()]):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    # The trap the gather avoids: per-worker statistics give another loss.
+    local = W.toy_decorrelation(method)
+    local.gather_distributed = False
+    assert local([v1[:6], v2[:6]])["loss"].item() != pytest.approx(loss.item(), rel=1e-3)
+
 def test_moco_workers_hold_identical_queues_and_pointer_wraps(tmp_path):
     spawn(W.moco_steps, tmp_path / "moco")
     r0, r1 = (torch.load(tmp_path / f"moco.{r}", weights_only=False) for r in (0, 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -231,3 +232,23 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
         assert a["knn_acc"] == pytest.approx(b["knn_acc"], abs=1e-9)
     for name, tensor in clean["encoder"].items():
         assert torch.allclose(tensor.float(), restarted["encoder"][name].float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("byol", {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16, "momentum": 0.9, "momentum_final": 1.0}),
+        ("barlowtwins", {"proj_hidden_dim": 16, "proj_dim": 16, "lambda_offdiag": 0.0051, "gather_distributed": None}),
+        ("vicreg", {"proj_hidden_dim": 16, "proj_dim": 16, "sim_weight": 25.0, "var_weight": 25.0, "cov_weight": 1.0, "gather_distributed": None}),
+    ],
+)
+def test_more_ssl_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlflow_uri, tmp_path, method, kwargs):
+    _, run_id = new_run(mlflow_uri)
+    config = pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=1) | {"label": f"test-{method}", "method": method, "method_kwargs": kwargs}
+    state = final_state(
+        run_training_job(pretrain_loop, config, name=method, workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray"))
+    )
+    assert [h["epoch"] for h in state["history"]] == [0, 1]
+    assert math.isfinite(state["history"][1]["loss"]) and 0 <= state["history"][1]["knn_acc"] <= 1
+    if method == "byol":  # the target followed the online network: 5 steps of EMA
+        assert any(key.startswith("momentum_branch.") for key in state["model"])

@@ -21,7 +21,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0, le=1)]
 
-PRETRAIN_METHODS = ("simclr", "moco")
+PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg")
 SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "supervised")
 # finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "finetune")
@@ -152,6 +152,39 @@ class MoCoConfig(_Section):
         return self
 
 
+class BYOLConfig(_Section):
+    proj_hidden_dim: PositiveInt = 512
+    proj_dim: PositiveInt = 128
+    pred_hidden_dim: PositiveInt = 512
+    # Target momentum, raised to momentum_final on a cosine over training (the paper: 0.996 -> 1).
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    momentum_final: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+    @model_validator(mode="after")
+    def _momentum_order(self) -> BYOLConfig:
+        if self.momentum_final < self.momentum:
+            raise ValueError(f"momentum_final ({self.momentum_final}) must be >= momentum ({self.momentum})")
+        return self
+
+
+class BarlowTwinsConfig(_Section):
+    proj_hidden_dim: PositiveInt = 512
+    proj_dim: PositiveInt = 512
+    # Weight of the off-diagonal (redundancy) term; the paper's 5e-3 at 8192 dimensions.
+    lambda_offdiag: PositiveFloat = 0.0051
+    # Cross-correlation over every worker's batch; null: on when world size > 1.
+    gather_distributed: bool | None = None
+
+
+class VICRegConfig(_Section):
+    proj_hidden_dim: PositiveInt = 512
+    proj_dim: PositiveInt = 512
+    sim_weight: NonNegFloat = 25.0
+    var_weight: NonNegFloat = 25.0
+    cov_weight: NonNegFloat = 1.0
+    # Variance and covariance over every worker's batch; null: on when world size > 1.
+    gather_distributed: bool | None = None
+
 class PretrainConfig(_Section):
     methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr", "moco"])  # type: ignore[valid-type]
     epochs: PositiveInt = 2
@@ -163,6 +196,9 @@ class PretrainConfig(_Section):
     knn_k: PositiveInt = 20
     simclr: SimCLRConfig = SimCLRConfig()
     moco: MoCoConfig = MoCoConfig()
+    byol: BYOLConfig = BYOLConfig()
+    barlowtwins: BarlowTwinsConfig = BarlowTwinsConfig()
+    vicreg: VICRegConfig = VICRegConfig()
 
     @model_validator(mode="after")
     def _crop(self) -> PretrainConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -17,6 +19,19 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
         nn.Linear(hidden_dim, out_dim),
     )
 
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2) -> nn.Sequential:
+    """``num_layers`` Linear layers with BN + ReLU between them: BYOL's projector and predictor
+    (2), Barlow Twins' projector and VICReg's expander (3)."""
+    if num_layers < 1:
+        raise ValueError(f"an MLP needs at least 1 layer, got {num_layers}")
+    layers: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-1], out_dim))
+    return nn.Sequential(*layers)
 
 class Classifier(nn.Module):
     """Encoder + linear layer; ``encoder`` stays addressable so it can be exported alone."""
