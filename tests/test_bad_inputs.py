@@ -215,6 +215,7 @@ def ray_run_of_pretrain(wd: Path) -> str:
         patch.chdir(wd)
         patch.setattr(stage, "train_in_ray", launch)
         patch.setattr(stage, "tracked_run", lambda *args, **kwargs: contextlib.nullcontext())
+        patch.setattr(stage, "log_prepared_input", lambda *args, **kwargs: None)  # no run to log to
         with pytest.raises(_Launched) as launched:
             stage.pretrain(load_params("params.yaml"), "simclr")
     return str(launched.value)

@@ -297,7 +297,8 @@ def test_stage_pool_and_heads_with_finetune() -> None:
     assert pool.embeddings.shape == (len(labels), 16) and pool.block_inputs.shape[0] == len(labels)
     assert stage.head_kwargs(params, "finetune") == {"steps": 3, "lr": 0.01, "block_lr": 1e-4, "weight_decay": 1e-3, "l2_normalize": True, "seed": 0}
     scores = stage.evaluate_encoder(params, encoder, data, plans, labels)
-    assert set(scores) == {"base_knn_acc", "protonet/3w1s", "finetune/3w1s"}
+    assert set(scores) == {"base_knn_acc", "base_linear_acc", "protonet/3w1s", "finetune/3w1s"}
+    assert 0 <= scores["base_linear_acc"] <= 1
     # Without the head asked for, nothing is cut and nothing extra cached; asking anyway is an error.
     plain = stage.embed_novel_pool(params, encoder, data, heads=["protonet"])
     assert plain.split is None and plain.block_inputs is None

@@ -170,3 +170,57 @@ def test_a_hangup_mid_training_fails_the_run_and_a_rerun_resumes(tmp_path, tiny_
     assert (tmp_path / "models" / "pretrain" / "simclr" / "encoder.pt").is_file()
     runs = client.search_runs([client.get_experiment_by_name("lowlabel").experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+
+
+def test_experiment_is_tagged_as_model_development(mlflow_uri, tmp_path):
+    """MLflow 3's UI opens an untagged experiment on its GenAI pages; ours opens on the runs.
+    An experiment made before the tag existed gets it; a kind chosen by hand is kept."""
+    from lowlabel.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    with open_run(mlflow_uri, tmp_path):
+        pass
+    client = MlflowClient(mlflow_uri)
+    assert client.get_experiment_by_name("exp").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    old = client.create_experiment("old")
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("old", "chosen"):
+        with stage_run(tracking_uri=mlflow_uri, artifact_root=str(tmp_path / "a"), experiment=name, run_name="r", tags={}, params={}, root=tmp_path):
+            pass
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_prepared_data_is_a_dataset_input_with_its_digest(mlflow_uri, tmp_path, tiny_prepared):
+    """Data lineage: the run's inputs name the prepared data, its folder, its schema and a
+    digest of its bytes (split manifest, class info, arrays) that changes with any of them."""
+    import json
+
+    import numpy as np
+
+    from lowlabel.data.prepared import PreparedData, prepared_digest
+    from lowlabel.runner.jobs import files_fingerprint
+    from lowlabel.tracking import log_prepared_input
+
+    data = PreparedData.load(tiny_prepared)
+    digest = prepared_digest(tiny_prepared)
+    assert digest == files_fingerprint(tiny_prepared) and len(digest) == 16
+    with open_run(mlflow_uri, tmp_path) as run:
+        log_prepared_input(data, "fashion_mnist", digest, context="training")
+    inputs = MlflowClient(mlflow_uri).get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("prepared/fashion_mnist", digest)
+    assert json.loads(dataset.source)["uri"] == tiny_prepared.resolve().as_uri()
+    schema = {spec["name"]: spec for spec in json.loads(dataset.schema)["mlflow_colspec"]}
+    assert schema["train_images"]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, 16, 16, 1]}
+    assert schema["test_labels"]["tensor-spec"] == {"dtype": "int64", "shape": [-1]}
+    assert [tag.value for tag in inputs[0].tags if tag.key == "mlflow.data.context"] == ["training"]
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_prepared, changed)
+    split = json.loads((changed / "split.json").read_text())
+    (changed / "split.json").write_text(json.dumps({**split, "seed": split.get("seed", 0) + 1}))
+    assert prepared_digest(changed) != digest
+    np.save(changed / "train_labels.npy", np.load(tiny_prepared / "train_labels.npy")[::-1].copy())
+    shutil.copy(tiny_prepared / "split.json", changed / "split.json")
+    assert prepared_digest(changed) != digest

@@ -25,9 +25,48 @@ QUIET_ENV: dict[str, str] = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
+# ``LOWLABEL_VERBOSE=1`` brings Ray's own INFO logs back (see :func:`verbose`).
+VERBOSE_ENV = "LOWLABEL_VERBOSE"
+
+# Applied unless verbose. Ray Train 2.60 starts a PreemptionWatcher actor per job whose only
+# work is to log node drains (spot preemptions); creating it makes the controller's core
+# worker print an E-level "core_worker.cc ... PreemptionWatcher ... has constructor arguments
+# in the object store" line on every job, which is no error. Off by default; a cluster on
+# preemptible nodes that wants those log lines sets RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1.
+RAY_QUIET_ENV: dict[str, str] = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def verbose() -> bool:
+    """``LOWLABEL_VERBOSE`` set to anything but empty/0/false/no: Ray logs as it does by default."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
 
 def configure_quiet_env() -> dict[str, str]:
-    """Apply :data:`QUIET_ENV` defaults; returns the values now in force (for Ray workers)."""
-    for key, value in QUIET_ENV.items():
+    """Apply :data:`QUIET_ENV` (and, unless :func:`verbose`, :data:`RAY_QUIET_ENV`) defaults;
+    returns the values now in force (for Ray workers, with ``LOWLABEL_VERBOSE`` when set)."""
+    defaults = QUIET_ENV if verbose() else QUIET_ENV | RAY_QUIET_ENV
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in QUIET_ENV}
+    keys = [*QUIET_ENV, *RAY_QUIET_ENV, VERBOSE_ENV]
+    return {key: os.environ[key] for key in keys if key in os.environ}
+
+
+def quiet_ray_worker_logs() -> None:
+    """Ray worker-process setup hook (``runtime_env["worker_process_setup_hook"]``, set by
+    lowlabel.runner.launch.ensure_ray unless :func:`verbose`).
+
+    Ray Train 2.60 logs a ``Reporting training result N: TrainingReport(...)`` INFO line per
+    ``ray.train.report`` through ``logging.getLogger(__file__)`` of its execution context
+    module: a logger named by a file path, outside ``ray.train``, so RunConfig's
+    ``LoggingConfig(log_level=...)`` (which filters ``ray.train.*`` only) leaves it at the
+    root's INFO. Raised to WARNING here, in each worker process; its warnings still show.
+    """
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

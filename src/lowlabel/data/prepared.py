@@ -7,6 +7,7 @@ Images are opened memory-mapped, so a Ray worker touches only the rows of its ow
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,24 @@ from lowlabel.errors import UserError
 
 class PreparedDataError(FileNotFoundError, UserError):
     pass
+
+
+PREPARED_FILES = ("info.json", "split.json", "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy")
+
+
+def prepared_digest(root: str | Path) -> str:
+    """sha256 (16 hex digits) over the names, sizes and bytes of the prepared files: the split
+    manifest, class info and the four arrays. The same bytes give the same digest on any
+    machine, and it equals lowlabel.runner.jobs.files_fingerprint of a folder holding only
+    these files (the form the Ray run names use)."""
+    digest = hashlib.sha256()
+    for name in PREPARED_FILES:
+        file = Path(root) / name
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def write_prepared(
@@ -62,8 +81,7 @@ class PreparedData:
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
         root = Path(root)
-        needed = ["train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "split.json", "info.json"]
-        absent = [name for name in needed if not (root / name).is_file()]
+        absent = [name for name in PREPARED_FILES if not (root / name).is_file()]
         if absent:
             raise PreparedDataError(f"{root}: prepared data incomplete, missing {absent}; run the prepare stage (dvc repro prepare)")
         return cls(
@@ -75,6 +93,9 @@ class PreparedData:
             split=Split.from_json(root / "split.json"),
             info=json.loads((root / "info.json").read_text()),
         )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"train_images": self.train_images, "train_labels": self.train_labels, "test_images": self.test_images, "test_labels": self.test_labels}
 
     @property
     def in_chans(self) -> int:

@@ -24,7 +24,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from lowlabel.env import configure_quiet_env
+from lowlabel.env import configure_quiet_env, verbose
 from lowlabel.errors import UserError
 from lowlabel.runner.inputs import inputs_nbytes, ship_inputs
 from lowlabel.runner.metrics_sink import metrics_sink
@@ -76,6 +76,10 @@ def ensure_ray(address: str | None, local_num_cpus: int | None = None, object_st
     # credentials (nodes with an instance role need none: then none are set here).
     storage_env = {key: os.environ[key] for key in STORAGE_ENV if os.environ.get(key)}
     runtime_env = {"env_vars": {**env_vars, **storage_env, "PYTHONPATH": os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))}}
+    if not verbose():
+        # Ray Train's per-report INFO lines come from a logger RunConfig's LoggingConfig does
+        # not reach; each worker process raises it (LOWLABEL_VERBOSE=1 keeps Ray's logs).
+        runtime_env["worker_process_setup_hook"] = "lowlabel.env.quiet_ray_worker_logs"
     if address:
         check_reachable(address)
         try:
@@ -242,8 +246,9 @@ def run_training_job(
                 # The newest two: the one a resume reads, and the one before in case the newest
                 # was cut off mid-write. A 1000-epoch run no longer fills the disk.
                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                # Ray Train's per-report INFO lines drown the stage's own progress lines.
-                logging_config=LoggingConfig(log_level="WARNING"),
+                # Ray Train's per-report INFO lines drown the stage's own progress lines
+                # (LOWLABEL_VERBOSE=1 brings them back).
+                logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             ),
         )
         result = trainer.fit()

@@ -22,7 +22,14 @@ configure_quiet_env()
 from lowlabel.atomic import atomic_write_text  # noqa: E402
 from lowlabel.config import Params, flatten, load_params  # noqa: E402
 from lowlabel.errors import UserError, first_line  # noqa: E402
-from lowlabel.tracking import TAG_DVC_STAGE, TAG_METHOD, TAG_STAGE, resolve_tracking_uri, stage_run  # noqa: E402
+from lowlabel.tracking import (  # noqa: E402
+    TAG_DVC_STAGE,
+    TAG_METHOD,
+    TAG_STAGE,
+    pipeline_run_id,
+    resolve_tracking_uri,
+    stage_run,
+)
 
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("models")
@@ -62,9 +69,10 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 def tracked_run(
     params: Params, *, stage: str, method: str, dvc_stage: str, sections: Iterable[str], tags: dict[str, str] | None = None, run_name: str | None = None
 ) -> Iterator[Any]:
-    """The stage's MLflow run, with the params of ``sections`` flattened into it. A store the
-    run cannot be opened in (a sqlite path under a file or unwritable, an unknown scheme, a
-    server that answers with errors) stops the stage with one line naming it."""
+    """The stage's MLflow run, with the params of ``sections`` flattened into it, nested under the
+    pipeline run of the ``dvc repro`` / ``dvc exp run`` it is part of (lowlabel.tracking). A
+    store the run cannot be opened in (a sqlite path under a file or unwritable, an unknown
+    scheme, a server that answers with errors) stops the stage with one line naming it."""
     root = Path.cwd()
     flat = {}
     for section in sections:
@@ -82,6 +90,7 @@ def tracked_run(
         tags={TAG_STAGE: stage, TAG_METHOD: method, TAG_DVC_STAGE: dvc_stage, **(tags or {})},
         params=flat,
         root=root,
+        parent_run_id=pipeline_run_id(uri, root),
     )
     with ExitStack() as stack:
         try:

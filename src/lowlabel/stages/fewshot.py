@@ -22,8 +22,8 @@ import torch
 
 from lowlabel.config import Params
 from lowlabel.data.augment import eval_view
-from lowlabel.data.prepared import PreparedData
-from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
+from lowlabel.data.prepared import PreparedData, prepared_digest
+from lowlabel.evaluation import extract_features, knn_accuracy, knn_split, linear_probe_accuracy
 from lowlabel.fewshot import (
     Episode,
     EpisodeError,
@@ -50,7 +50,7 @@ from lowlabel.stages.common import (
     write_json,
 )
 from lowlabel.stages.encoder_files import load_encoder_file
-from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN
+from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN, log_prepared_input
 
 log = logging.getLogger("lowlabel.fewshot")
 
@@ -159,16 +159,24 @@ def embed_novel_pool(params: Params, encoder: torch.nn.Module, data: PreparedDat
     return NovelPool(embeddings, block_inputs, split)
 
 
-def base_knn_accuracy(params: Params, encoder: torch.nn.Module, data: PreparedData) -> float:
-    """Weighted kNN on the base classes: every base training image as the bank, base test images as queries."""
+def base_accuracies(params: Params, encoder: torch.nn.Module, data: PreparedData) -> dict[str, float]:
+    """Frozen features on the base classes, every base training image labeled, base test images
+    as queries: weighted kNN (``base_knn_acc``) and the linear probe (``base_linear_acc``,
+    logistic regression, lowlabel.evaluation.linear_probe_accuracy), from one embedding pass."""
     encoder, device = _on_device(encoder)
     features = _embedder(encoder, data, device)
     bank_idx, test_idx = knn_split(data, KNN_BANK_SIZE, params.seed)
-    bank = features(data.train_images, bank_idx)
-    test = features(data.test_images, test_idx)
-    return knn_accuracy(
-        bank, torch.from_numpy(data.train_labels[bank_idx]), test, torch.from_numpy(data.test_labels[test_idx]), k=params.fewshot.knn_k
-    )
+    bank, test = features(data.train_images, bank_idx), features(data.test_images, test_idx)
+    bank_labels, test_labels = torch.from_numpy(data.train_labels[bank_idx]), torch.from_numpy(data.test_labels[test_idx])
+    return {
+        "base_knn_acc": knn_accuracy(bank, bank_labels, test, test_labels, k=params.fewshot.knn_k),
+        "base_linear_acc": linear_probe_accuracy(bank, bank_labels, test, test_labels),
+    }
+
+
+def base_knn_accuracy(params: Params, encoder: torch.nn.Module, data: PreparedData) -> float:
+    """Weighted kNN on the base classes alone (see :func:`base_accuracies`)."""
+    return base_accuracies(params, encoder, data)["base_knn_acc"]
 
 
 def evaluate_head(params: Params, pool: NovelPool, novel_labels: np.ndarray, episodes: list[Episode], head: str) -> FewShotResult:
@@ -183,7 +191,7 @@ def evaluate_head(params: Params, pool: NovelPool, novel_labels: np.ndarray, epi
 
 def evaluate_encoder(params: Params, encoder: torch.nn.Module, data: PreparedData, plans: dict, novel_labels: np.ndarray) -> dict:
     pool = embed_novel_pool(params, encoder, data)
-    out: dict = {"base_knn_acc": base_knn_accuracy(params, encoder, data)}
+    out: dict = base_accuracies(params, encoder, data)
     for (n_way, k_shot), episodes in plans.items():
         for head in params.fewshot.heads:
             result = evaluate_head(params, pool, novel_labels, episodes, head)
@@ -205,20 +213,22 @@ def fewshot(params: Params) -> dict:
             encoders[name] = load_encoder_file(path, f"dvc repro {name.replace('/', '@', 1)}")
     results: dict[str, dict] = {}
     rows = []
+    digest = prepared_digest(PREPARED_DIR)
     for name, (encoder, meta) in encoders.items():
         started = time.perf_counter()
         tags = {TAG_ENCODER: name, TAG_INIT_RUN: meta.get("mlflow_run_id", "")}
         with tracked_run(
             params, stage="fewshot", method=name, dvc_stage="fewshot", sections=("seed", "fewshot"), tags=tags, run_name=f"fewshot {name}"
         ):
+            log_prepared_input(data, params.data.source, digest, context="evaluation")
             scores = evaluate_encoder(params, encoder, data, plans, novel_labels)
-            mlflow.log_metric("base/knn_acc", scores["base_knn_acc"])
+            mlflow.log_metrics({"base/knn_acc": scores["base_knn_acc"], "base/linear_acc": scores["base_linear_acc"]})
             for key, value in scores.items():
                 if isinstance(value, dict):
                     mlflow.log_metrics({f"fewshot/{key}/acc": value["acc"], f"fewshot/{key}/ci95": value["ci95"]})
         results[name] = scores
         shown = ", ".join(f"{k} {v['acc'] * 100:.1f}±{v['ci95'] * 100:.1f}" for k, v in scores.items() if isinstance(v, dict))
-        print(f"[fewshot] {name}: base kNN {scores['base_knn_acc'] * 100:.1f} | {shown} ({time.perf_counter() - started:.1f} s)", flush=True)
+        print(f"[fewshot] {name}: base kNN {scores['base_knn_acc'] * 100:.1f} linear {scores['base_linear_acc'] * 100:.1f} | {shown} ({time.perf_counter() - started:.1f} s)", flush=True)
         for key, value in scores.items():
             if isinstance(value, dict):
                 head, setting = key.split("/")

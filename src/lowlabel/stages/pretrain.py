@@ -6,12 +6,13 @@ import argparse
 
 from lowlabel.atomic import atomic_dir
 from lowlabel.config import PRETRAIN_METHODS, Params
-from lowlabel.data.prepared import PreparedData
+from lowlabel.data.prepared import PreparedData, prepared_digest
 from lowlabel.models.store import ENCODER_FILE, save_encoder
 from lowlabel.runner.jobs import pretrain_job
 from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, stage_main, tracked_run
 from lowlabel.stages.preflight import check_before_training, check_storage
 from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
+from lowlabel.tracking import log_prepared_input
 from lowlabel.train.pretrain import pretrain_loop
 
 
@@ -22,6 +23,7 @@ def pretrain(params: Params, method: str) -> dict:
     out = MODELS_DIR / "pretrain" / method / ENCODER_FILE
     dvc_stage = f"pretrain@{method}"
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:
+        log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
         config, name = pretrain_job(params, method, len(data.split.pretrain), inputs=(PREPARED_DIR,))
         state, ray_run = train_in_ray(params, pretrain_loop, config, name)
         history = state["history"]

@@ -3,6 +3,13 @@
 Writes ``reports/report.md`` (+ a PNG of accuracy vs shots), ``metrics/report.json``, and
 logs all of it to an MLflow run. The headline margins the project promises are computed
 here from the measured numbers, never typed in.
+
+In MLflow it also completes the pipeline run of this ``dvc repro`` (lowlabel.tracking): a
+``lowlabel.stage_run.*`` tag per stage run reported on (the runs of stages DVC skipped as
+cached too) and the margins as ``report/...`` metrics. Each trained encoder reported on
+becomes a version of the registered model ``lowlabel-<stage>-<method>``; the one with the best
+novel-class ProtoNet accuracy (5-way 5-shot, else the best setting measured) gets the alias
+``best-fewshot``: ``mlflow.pytorch.load_model("models:/lowlabel-pretrain-simclr@best-fewshot")``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,21 @@ import mlflow
 
 from lowlabel.atomic import atomic_write_text
 from lowlabel.config import Params
-from lowlabel.stages.common import METRICS_DIR, REPORTS_DIR, StageError, stage_main, tracked_run, write_json
+from lowlabel.stages.common import (
+    METRICS_DIR,
+    REPORTS_DIR,
+    StageError,
+    log,
+    stage_main,
+    tracked_run,
+    write_json,
+)
+from lowlabel.tracking import (
+    TAG_INIT_RUN,
+    TAG_PARENT,
+    register_encoders,
+    update_pipeline_run,
+)
 
 
 def _load(path: Path) -> dict:
@@ -42,6 +63,10 @@ def margins(metrics: dict, params: Params) -> dict[str, float]:
     out: dict[str, float] = {}
     for method in params.pretrain.methods:
         out[f"knn: pretrain/{method} - random"] = 100 * (encoders[f"pretrain/{method}"]["base_knn_acc"] - encoders["random"]["base_knn_acc"])
+        if "base_linear_acc" in encoders[f"pretrain/{method}"] and "base_linear_acc" in encoders["random"]:  # fewshot.json before the probe: none
+            out[f"linear probe: pretrain/{method} - random"] = 100 * (
+                encoders[f"pretrain/{method}"]["base_linear_acc"] - encoders["random"]["base_linear_acc"]
+            )
         for key, value in encoders[f"pretrain/{method}"].items():
             if key.startswith("protonet/") and key in encoders["random"]:
                 out[f"{key}: pretrain/{method} - random"] = 100 * (value["acc"] - encoders["random"][key]["acc"])
@@ -66,15 +91,16 @@ def markdown(metrics: dict, params: Params, deltas: dict[str, float]) -> str:
         "",
         f"Few-shot: {fs['episodes']} episodes per setting, {fs['queries']} queries per class, features `{fs['feature_norm']}`; mean accuracy ± 95% CI (%).",
         "",
-        "| encoder | base kNN-" + str(params.fewshot.knn_k) + " | base test (EMA) | " + " | ".join(settings) + " |",
-        "|---|---|---|" + "---|" * len(settings),
+        "| encoder | base kNN-" + str(params.fewshot.knn_k) + " | base linear probe | base test (EMA) | " + " | ".join(settings) + " |",
+        "|---|---|---|---|" + "---|" * len(settings),
     ]
     for name, scores in encoders.items():
         stage, _, method = name.partition("/")
         semi = metrics["semisup"].get(method) if stage == "semisup" else None
         test = f"{semi['test_acc_ema'] * 100:.1f}" if semi else "–"
         cells = [f"{scores[s]['acc'] * 100:.1f} ± {scores[s]['ci95'] * 100:.1f}" if s in scores else "–" for s in settings]
-        lines.append(f"| {name} | {scores['base_knn_acc'] * 100:.1f} | {test} | " + " | ".join(cells) + " |")
+        linear = f"{scores['base_linear_acc'] * 100:.1f}" if "base_linear_acc" in scores else "–"
+        lines.append(f"| {name} | {scores['base_knn_acc'] * 100:.1f} | {linear} | {test} | " + " | ".join(cells) + " |")
     lines += ["", "## Pretraining", "", "| method | final loss | kNN monitor at init (5k bank) | kNN monitor final | img/s |", "|---|---|---|---|---|"]
     for method, m in metrics["pretrain"].items():
         init = f"{m['knn_acc_init'] * 100:.1f}" if m.get("knn_acc_init") is not None else "–"
@@ -115,17 +141,90 @@ def plot_shots(metrics: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def metric_name(margin: str) -> str:
+    return margin.replace(":", "").replace(" ", "_").replace("/", "_")
+
+
+def best_setting(encoders: dict[str, dict]) -> str | None:
+    """The few-shot setting that picks the best encoder: ProtoNet 5-way 5-shot, else the
+    ProtoNet setting with the most ways then shots, else any head's; measured for every encoder."""
+    common = set.intersection(*({k for k in scores if "/" in k} for scores in encoders.values())) if encoders else set()
+
+    def rank(key: str) -> tuple:
+        head, setting = key.split("/")
+        n_way, k_shot = setting.removesuffix("s").split("w")
+        return (key == "protonet/5w5s", head == "protonet", int(n_way), int(k_shot), key)
+
+    return max(common, key=rank, default=None)
+
+
+def matching_fewshot_runs(runs_by_encoder: dict[str, list], encoders: dict[str, dict]) -> dict[str, object]:
+    """Per encoder of metrics/fewshot.json, the newest FINISHED fewshot run that logged exactly
+    its numbers: the run that wrote them, even when DVC took the stage from its cache."""
+    found = {}
+    for name, scores in encoders.items():
+        for run in runs_by_encoder.get(name, []):
+            logged = run.data.metrics
+            if all(abs(logged.get(f"fewshot/{k}/acc", float("nan")) - v["acc"]) < 1e-9 for k, v in scores.items() if "/" in k):
+                found[name] = run
+                break
+    return found
+
+
+def link_and_register(metrics: dict, deltas: dict[str, float], run) -> None:
+    """The MLflow side of the report: pipeline-run links and metrics, registered encoders."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow.get_tracking_uri())
+    encoders = metrics["fewshot"]["encoders"]
+    fewshot_runs = client.search_runs(
+        [run.info.experiment_id], filter_string="tags.`lowlabel.stage` = 'fewshot' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1000,
+    )
+    by_encoder: dict[str, list] = {}
+    for candidate in fewshot_runs:
+        by_encoder.setdefault(candidate.data.tags.get("lowlabel.method", ""), []).append(candidate)
+    matched = matching_fewshot_runs(by_encoder, encoders)
+    stage_runs = {f"fewshot.{name}": r.info.run_id for name, r in matched.items()}
+    trained = {name: r.data.tags.get(TAG_INIT_RUN, "") for name, r in matched.items() if name != "random" and r.data.tags.get(TAG_INIT_RUN)}
+    stage_runs |= {name.replace("/", "@", 1): run_id for name, run_id in trained.items()}
+    numbers = {k: float(v) for k, v in metrics["prepare"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    prepares = client.search_runs(
+        [run.info.experiment_id], filter_string="tags.`lowlabel.stage` = 'prepare' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=100,
+    )
+    prepare = next((r for r in prepares if all(r.data.metrics.get(k) == v for k, v in numbers.items())), None)
+    if prepare is not None:
+        stage_runs["prepare"] = prepare.info.run_id
+    setting = best_setting({name: encoders[name] for name in trained})
+    best = max(trained, key=lambda name: encoders[name][setting]["acc"]) if setting else None
+    tags = {name: {"fewshot_setting": setting or "", "fewshot_acc": f"{encoders[name][setting]['acc']:.4f}" if setting else "",
+                   "report_run_id": run.info.run_id} for name in trained}
+    versions = register_encoders(client, trained, best, tags)
+    if best:
+        print(f"[report] registered {len(versions)} encoders; best-fewshot: lowlabel-{best.replace('/', '-')} v{versions[best]} "
+              f"({setting} {encoders[best][setting]['acc'] * 100:.1f})", flush=True)
+    parent = run.data.tags.get(TAG_PARENT)
+    if parent:
+        update_pipeline_run(client, parent, stage_runs=stage_runs | {"report": run.info.run_id},
+                            metrics={"report/" + metric_name(k): v for k, v in deltas.items()})
+
+
 def report(params: Params) -> dict:
     metrics = collect(params)
     deltas = margins(metrics, params)
-    with tracked_run(params, stage="report", method="report", dvc_stage="report", sections=("seed", "data", "encoder")):
+    with tracked_run(params, stage="report", method="report", dvc_stage="report", sections=("seed", "data", "encoder")) as run:
         text = markdown(metrics, params, deltas)
         atomic_write_text(REPORTS_DIR / "report.md", text)
         plot_shots(metrics, REPORTS_DIR / "fewshot_shots.png")
         write_json(METRICS_DIR / "report.json", {"margins": deltas, **metrics})
-        mlflow.log_metrics({"margin/" + k.replace(":", "").replace(" ", "_").replace("/", "_"): v for k, v in deltas.items()})
+        mlflow.log_metrics({"margin/" + metric_name(k): v for k, v in deltas.items()})
         mlflow.log_artifact(str(REPORTS_DIR / "report.md"))
         mlflow.log_artifact(str(REPORTS_DIR / "fewshot_shots.png"))
+        try:
+            link_and_register(metrics, deltas, run)
+        except Exception as error:  # the report itself is written; MLflow's extras must not undo it
+            log.warning("report: MLflow pipeline links / model registry not updated: %s", error)
     print(text, flush=True)
     return {"margins": deltas}
 

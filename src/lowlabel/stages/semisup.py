@@ -6,7 +6,7 @@ import argparse
 
 from lowlabel.atomic import atomic_dir
 from lowlabel.config import SEMISUP_METHODS, Params
-from lowlabel.data.prepared import PreparedData
+from lowlabel.data.prepared import PreparedData, prepared_digest
 from lowlabel.models.heads import Classifier
 from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
 from lowlabel.runner.jobs import semisup_job
@@ -14,7 +14,7 @@ from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, StageError, stage_m
 from lowlabel.stages.encoder_files import load_encoder_file
 from lowlabel.stages.preflight import check_before_training, check_storage
 from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
-from lowlabel.tracking import TAG_INIT_RUN
+from lowlabel.tracking import TAG_INIT_RUN, log_prepared_input
 from lowlabel.train.semisup import semisup_loop
 
 
@@ -41,6 +41,7 @@ def semisup(params: Params, method: str) -> dict:
     with tracked_run(
         params, stage="semisup", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "semisup"), tags=tags
     ) as run:
+        log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
         config, name = semisup_job(params, method, init_path, inputs=(PREPARED_DIR,))
         state, ray_run = train_in_ray(params, semisup_loop, config, name)
         history = state["history"]

@@ -9,6 +9,11 @@ files' hashes are cached) and it writes ``data/source.json``: for each location 
 reads, its file count, bytes and one MD5 over the files' relative paths and contents. That
 file changes exactly when the source's files do, and ``prepare`` then re-runs.
 
+Being the stage every repro runs first, it also opens the repro's MLflow pipeline run, the
+parent of every stage run of that ``dvc repro`` / ``dvc exp run`` (lowlabel.tracking): not an
+output, so it never re-runs ``prepare``; it costs the stage 1-2 s (MLflow's import), and only
+under DVC (run by hand, the stage opens no run).
+
 The fingerprint holds no absolute paths or times, so the same data gives the same file on
 every machine. MD5s are cached in ``data/.source-hashes.json`` by path, size, mtime and inode
 (as DVC caches its own), so unchanged files are not read again.
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lowlabel.atomic import atomic_write_text
-from lowlabel.config import ConfigError, DataConfig, load_params
+from lowlabel.config import ConfigError, DataConfig, Params, flatten, load_params
 from lowlabel.data.glyphs import GLYPH_FONT_FILES
 from lowlabel.data.sources import DEBIAN_FASHION_MNIST_DIR, DEFAULT_CACHE_DIR
 
@@ -106,12 +111,33 @@ def fingerprint(locations: dict[str, Path | list[Path]], cache: dict[str, list[A
     return out
 
 
+def open_pipeline_run(params: Params, root: Path) -> str | None:
+    """Under DVC, the pipeline run of this invocation (its id, recorded for the later stages);
+    None when run by hand. A store that cannot take it only warns here: the stages that must
+    log to it stop with their own clear error."""
+    from lowlabel.tracking import dvc_invocation, resolve_tracking_uri, start_pipeline_run
+
+    invocation = dvc_invocation()
+    if invocation is None:
+        return None
+    uri = resolve_tracking_uri(params.tracking.uri, root)
+    try:
+        return start_pipeline_run(
+            tracking_uri=uri, artifact_root=params.tracking.artifact_root, experiment=params.tracking.experiment,
+            params=flatten(params), root=root, invocation=invocation,
+        )
+    except Exception as error:
+        print(f"[source] warning: no MLflow pipeline run in {uri}: {str(error).splitlines()[0] if str(error) else type(error).__name__}", flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     try:
-        data = load_params(args.params).data
+        params = load_params(args.params)
+        data = params.data
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -124,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(HASH_CACHE, json.dumps(cache) + "\n")
     summary = ", ".join(f"{k} {v if isinstance(v, str) else str(v['files']) + ' files'}" for k, v in result["locations"].items())
     print(f"[source] {data.source}: {summary or 'no location (data.root not set)'}", flush=True)
+    run_id = open_pipeline_run(params, Path.cwd())
+    if run_id:
+        print(f"[source] MLflow pipeline run {run_id}", flush=True)
 
 
 if __name__ == "__main__":
