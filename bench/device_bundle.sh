@@ -9,8 +9,9 @@
 # timm, msgpack, protobuf, click, filelock, requests, fsspec, psutil, aiohttp, grpcio, attrs, ...):
 # ray (ray[train] without the dashboard extras: Ray then runs "minimal", no dashboard web UI),
 # pydantic (+ pydantic-core, annotated-types, typing-inspection, typing_extensions >= 4.16),
-# albumentations (+ albucore, stringzilla, simsimd), jsonschema (+ referencing, rpds-py,
-# jsonschema-specifications). MLflow is not needed: gpu_train.py runs the jobs untracked.
+# albumentations (+ albucore, stringzilla, simsimd), kornia (+ kornia_rs: the training loops import
+# lowlabel.data.device_augment; ~7 MB more, not yet run on the device), jsonschema (+ referencing,
+# rpds-py, jsonschema-specifications). MLflow is not needed: gpu_train.py runs the jobs untracked.
 # Versions are the ones the project's venv resolved.
 #
 # Ray's cp312 wheel is 79 MB; unpacked, pruned (jars, rllib, serve, llm, the dashboard's built web
@@ -47,6 +48,7 @@ download() {
 download "$OUT" \
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 \
   albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16 \
+  kornia==0.9.0 kornia_rs==0.2.0 \
   jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
 
 download "$work" "ray==$RAY_VERSION"

@@ -40,7 +40,8 @@ def test_strong_view_cutout_fills_a_patch():
     # Magnitude 0 keeps the RandAugment ops near identity; the cutout patch (fill 127) remains.
     strong = strong_view(28, 1, mean, std, num_ops=1, magnitude=0, cutout=0.5)
     filled = [((strong(image, s) - 127 / 255).abs() < 1e-6).sum().item() for s in range(10)]
-    assert all(f > 0 for f in filled)
+    # The side is v * 28 with v ~ U[0, 0.5]: below 1/28 (about 1 draw in 14) no pixel is cut.
+    assert sum(f > 0 for f in filled) >= 8
     assert all(f <= 14 * 14 for f in filled)
 
 

@@ -9,6 +9,7 @@ sample gets the same augmentation however the data is sharded across workers.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,10 @@ class View:
         )
 
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
-        self.pipeline.set_random_seed(seed)
+        # One generator pair drawn from in turn by every transform. Compose.set_random_seed would
+        # give each transform its own generator with the same seed (albumentations 2.0.8): their
+        # draws would then be identical, coupling flip, jitter, grayscale and the shift's sign.
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.pipeline(image=np.ascontiguousarray(image))["image"]
         # Some transforms drop a trailing singleton channel; put it back.
         return out if out.ndim == 3 else out.unsqueeze(0)
@@ -227,6 +231,13 @@ def randaugment_ops(channels: int, magnitude: int) -> list[A.BasicTransform]:
     matches torchvision.transforms.v2.functional on uint8 images (tests/test_randaugment.py).
     ``channels`` is unused since Color became the identity on one channel (all 14 ops, as published).
     """
+    spans = randaugment_spans(magnitude)
+    return [randaugment_op(name, *spans.get(name, (0.0, 0.0))) for name in RANDAUGMENT_OPS]
+
+
+def randaugment_spans(magnitude: int) -> dict[str, tuple[float, float]]:
+    """Each parameterised op's [low, high] at ``magnitude`` (0-30), in :func:`randaugment_op`'s units;
+    shared with the batched ops of :mod:`lowlabel.data.device_augment`."""
     f = magnitude / 30.0
     shear = math.degrees(math.atan(0.3 * f))
     enhance = (max(0.0, 1 - 0.9 * f), 1 + 0.9 * f)
@@ -243,7 +254,7 @@ def randaugment_ops(channels: int, magnitude: int) -> list[A.BasicTransform]:
         "TranslateX": (-0.45 * f, 0.45 * f),
         "TranslateY": (-0.45 * f, 0.45 * f),
     }
-    return [randaugment_op(name, *spans.get(name, (0.0, 0.0))) for name in RANDAUGMENT_OPS]
+    return spans
 
 
 def strong_view(

@@ -94,6 +94,7 @@ def common_config(params: Params, data_dir: str | Path, tracking_uri: str | None
         "loader_workers": rt.loader_workers,
         "cpus_per_worker": rt.cpus_per_worker,
         "amp": rt.amp,
+        "augment": rt.augment,  # auto | cpu | device: resolved in the worker (lowlabel.data.device_augment.resolve_augment)
         "tracking_uri": tracking_uri,
         "run_id": run_id,
     }
@@ -111,6 +112,7 @@ def pretrain_job(params: Params, method: str, num_images: int, inputs: tuple[str
         "method": method,
         "method_kwargs": kwargs,
         "epochs": cfg.epochs,
+        "min_steps": cfg.min_steps,
         "batch_size": cfg.batch_size,
         "max_steps_per_epoch": cfg.max_steps_per_epoch,
         "optim": cfg.optim.model_dump(exclude={"grad_clip"}),

@@ -8,6 +8,7 @@ base-class test images (labels used for monitoring only). State is checkpointed 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -15,8 +16,9 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lowlabel.data import device_augment
 from lowlabel.data.augment import contrastive_view, eval_view
-from lowlabel.data.datasets import ViewsDataset
+from lowlabel.data.datasets import ImagesDataset, ViewsDataset
 from lowlabel.data.prepared import PreparedData
 from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
@@ -37,6 +39,13 @@ from lowlabel.runner.worker import (
 from lowlabel.train.optim import build_optimizer
 
 
+def epochs_for(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """``epochs``, or as many more whole epochs as reach ``min_steps`` optimiser steps: an epoch
+    budget alone gives a small image folder almost no training (31 SimCLR steps for 4k images at
+    2 epochs)."""
+    return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData, k: int, bank_size: int | None, seed: int) -> float:
     view = eval_view(data.mean, data.std)
     bank, test = knn_split(data, bank_size, seed)
@@ -51,8 +60,16 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     encoder = build_encoder(config["arch"], data.in_chans, config["width"])
     method = PRETRAIN_METHODS[config["method"]](encoder, feature_dim(encoder, data.in_chans, data.image_size), **config["method_kwargs"])
 
-    view = contrastive_view(data.image_size, data.in_chans, data.mean, data.std, crop_scale=tuple(config["crop_scale"]))
-    dataset = ViewsDataset(data.train_images, data.split.pretrain, [view] * method.num_views, seed=config["seed"])
+    # runtime.augment: views made per image in the DataLoader (cpu), or per batch here on ctx.device
+    # from the uint8 images the DataLoader yields (device; seeded per (seed, epoch, step, rank, view)).
+    device_view = None
+    recipe = dict(crop_scale=tuple(config["crop_scale"]))
+    if device_augment.resolve_augment(config.get("augment", "cpu"), ctx.device) == "device":
+        device_view = device_augment.contrastive_view(data.image_size, data.in_chans, data.mean, data.std, **recipe).to(ctx.device)
+        dataset = ImagesDataset(data.train_images, data.split.pretrain)
+    else:
+        view = contrastive_view(data.image_size, data.in_chans, data.mean, data.std, **recipe)
+        dataset = ViewsDataset(data.train_images, data.split.pretrain, [view] * method.num_views, seed=config["seed"])
     per_worker = config["batch_size"] // ctx.world_size
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config["seed"], drop_last=True)
     loader = DataLoader(
@@ -63,7 +80,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         raise ValueError(
             f"pretrain.batch_size={config['batch_size']} is larger than the {len(dataset)} pretraining images; lower it"
         )
-    epochs = config["epochs"]
+    epochs = epochs_for(config["epochs"], config.get("min_steps", 0), steps_per_epoch)
+    if epochs > config["epochs"]:
+        print_main(ctx, f"[{config['label']}] {config['epochs']} epochs of {steps_per_epoch} steps < pretrain.min_steps={config['min_steps']}: training {epochs} epochs")
     total_steps = epochs * steps_per_epoch
 
     if ctx.channels_last:
@@ -100,7 +119,12 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             if step >= steps_per_epoch:
                 break
             maybe_inject_fault(config, ctx, epoch + 1, step)
-            views = [ctx.to_device(v) for v in batch[:-1]]
+            if device_view is None:
+                views = [ctx.to_device(v) for v in batch[:-1]]
+            else:
+                images = batch[0].to(ctx.device, non_blocking=True)
+                seeds = [device_augment.batch_seed(config["seed"], epoch, step, ctx.rank, v) for v in range(method.num_views)]
+                views = [ctx.to_device(device_view(images, s)) for s in seeds]
             with ctx.autocast():
                 loss = model(views)["loss"]
             check_finite(loss, epoch + 1, step)
