@@ -154,7 +154,7 @@ def build_params(args: argparse.Namespace, gpu: bool) -> Params:
         raw = merge(raw, yaml.safe_load((PRESETS_DIR / f"{args.preset}.yaml").read_text()) or {})
     overrides = {
         "runtime": {"workers": 1, "use_gpu": gpu, "amp": args.amp, "loader_workers": args.loader_workers, "cpus_per_worker": args.loader_workers + 1},
-        "pretrain": {"epochs": args.epochs, "max_steps_per_epoch": args.steps, "eval_every": args.epochs},
+        "pretrain": {"epochs": args.epochs, "min_steps": 0, "max_steps_per_epoch": args.steps, "eval_every": args.epochs},
         "semisup": {"steps": args.epochs * args.steps, "eval_every": args.steps},
     }
     raw = merge(raw, overrides)

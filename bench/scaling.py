@@ -68,7 +68,7 @@ def main() -> None:
 
     params = load_params(args.params)
     raw = params.model_dump(mode="json")
-    for key, value in (("pretrain.max_steps_per_epoch", args.steps), ("pretrain.epochs", args.epochs), ("pretrain.eval_every", 1000)):
+    for key, value in (("pretrain.max_steps_per_epoch", args.steps), ("pretrain.epochs", args.epochs), ("pretrain.min_steps", 0), ("pretrain.eval_every", 1000)):
         set_param(raw, key, str(value))
     params = type(params).model_validate(raw)
     data = PreparedData.load(args.prepared)

@@ -161,7 +161,7 @@ def main() -> None:
             encoders[init] = str(path.resolve())  # workers run elsewhere: absolute paths only
             print(f"pretrain {init}: reusing {path}", flush=True)
             continue
-        p = with_updates(params, pretrain={"epochs": args.pretrain_epochs, "eval_every": args.pretrain_epochs})
+        p = with_updates(params, pretrain={"epochs": args.pretrain_epochs, "min_steps": 0, "eval_every": args.pretrain_epochs})
         config, name = pretrain_job(p, init, len(arrays["train_labels"]))
         started = time.perf_counter()
         state = train(p, pretrain_loop, config, name, data0, storage)

@@ -157,3 +157,84 @@ def barlow_twins_step(rank: int, world: int, port: int, out: str) -> None:
 
 def vicreg_step(rank: int, world: int, port: int, out: str) -> None:
     decorrelation_step("vicreg", rank, world, port, out)
+
+
+def flexmatch_record_steps(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker records its own unlabeled images; every worker must hold the union's record."""
+    from lowlabel.methods.flexmatch import LearningEffect
+
+    init(rank, world, port)
+    effect = LearningEffect(num_unlabeled=16, num_classes=3, threshold=0.5, warmup=True)
+    record = {"selected": [], "thresholds": []}
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        probs = torch.softmax(3 * torch.randn(4, 3, generator=g, dtype=torch.float64), dim=1)
+        index = torch.arange(4) + 4 * rank + 8 * (step % 2)
+        effect.record(index, probs)
+        record["selected"].append(effect.selected.clone())
+        record["thresholds"].append(effect.thresholds())
+    torch.save(record, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def toy_maml_model() -> nn.Module:
+    """BatchNorm included: MAML normalises each episode with its own batch, so per-worker episodes are exact."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def toy_meta_episode(rank: int):
+    """Episode E_{rank+1}: 2-way, 2-shot, 3-query on 3-d inputs."""
+    from lowlabel.meta import EpisodicBatch
+
+    g = torch.Generator().manual_seed(50 + rank)
+    return EpisodicBatch(
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.tensor([0, 0, 1, 1]),
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+        torch.tensor([0, 0, 0, 1, 1, 1]),
+        ways=2,
+        shots=2,
+    )
+
+
+MAML_STEPS, MAML_LR = 2, 0.3
+
+
+def maml_meta_grads(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker meta-trains on its own episode, second-order MAML, three ways."""
+    from lowlabel.meta import MAML, average_gradients, meta_loss
+
+    init(rank, world, port)
+    episode = toy_meta_episode(rank)
+    record = {}
+    # 1. DDP around the MAML module: the inner loop runs inside DDP's one forward.
+    for name, learn_lrs in (("ddp", False), ("ddp_meta_sgd", True)):
+        maml = MAML(toy_maml_model(), steps=MAML_STEPS, lr=MAML_LR, learn_lrs=learn_lrs)
+        ddp = DDP(maml)
+        loss = F.cross_entropy(ddp(episode.support_x, episode.support_y, episode.query_x), episode.query_y)
+        loss.backward()
+        record[name] = {n: p.grad.clone() for n, p in maml.named_parameters()}
+    # 2. No DDP: the plain module's meta-gradient, averaged explicitly.
+    model = toy_maml_model()
+    meta_loss(model, episode, steps=MAML_STEPS, lr=MAML_LR).backward()
+    average_gradients(model.parameters())
+    record["explicit"] = [p.grad.clone() for p in model.parameters()]
+    # The trap: the wrapped module's parameters used outside DDP's forward are never reduced.
+    ddp = DDP(toy_maml_model())
+    meta_loss(ddp.module, episode, steps=MAML_STEPS, lr=MAML_LR).backward()
+    record["outside_forward"] = [p.grad.clone() for p in ddp.module.parameters()]
+    torch.save(record, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def reptile_deltas(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker runs Reptile on its own meta-batch of two episodes."""
+    from lowlabel.meta import reptile_step
+
+    init(rank, world, port)
+    model = toy_maml_model()
+    episodes = [toy_meta_episode(2 * rank), toy_meta_episode(2 * rank + 1)]
+    reptile_step(model, episodes, steps=3, inner_lr=0.1, outer_lr=0.5)
+    torch.save({"params": [p.detach().clone() for p in model.parameters()]}, f"{out}.{rank}")
+    dist.destroy_process_group()

@@ -108,3 +108,61 @@ def test_self_adaptive_thresholds_track_every_workers_batch(tmp_path):
         for record in (r0, r1):
             assert torch.allclose(record["thresholds"][step].double(), want.double(), atol=1e-6)
             assert all(torch.allclose(record["buffers"][step][k].double(), v.double(), atol=1e-6) for k, v in single.state_dict().items())
+
+
+def test_flexmatch_learning_effect_records_every_workers_images(tmp_path):
+    from lowlabel.methods.flexmatch import LearningEffect
+
+    spawn(W.flexmatch_record_steps, tmp_path / "flex")
+    r0, r1 = (torch.load(tmp_path / f"flex.{r}", weights_only=False) for r in (0, 1))
+    single = LearningEffect(16, 3, 0.5, True)
+    for step in range(3):
+        for rank in (0, 1):  # one worker replaying both workers' batches, in rank order
+            g = torch.Generator().manual_seed(10 * step + rank)
+            probs = torch.softmax(3 * torch.randn(4, 3, generator=g, dtype=torch.float64), dim=1)
+            single.record(torch.arange(4) + 4 * rank + 8 * (step % 2), probs)
+        assert torch.equal(r0["selected"][step], single.selected) and torch.equal(r1["selected"][step], single.selected)
+        assert torch.allclose(r0["thresholds"][step], single.thresholds())
+    assert (single.selected >= 0).sum() > 4  # both workers' images are in it
+
+
+def test_maml_two_workers_equal_one_worker_on_the_union_of_episodes(tmp_path):
+    """Worker r meta-trains on its own episode E_{r+1} (second-order MAML, BatchNorm inside):
+    the averaged meta-gradient is the 1-worker meta-gradient of the mean meta-loss over
+    {E1, E2}, whether DDP wraps the MAML module (inner loop inside DDP's one forward, inner
+    gradients by autograd.grad, so DDP's hooks only see the outer backward: learn2learn#170)
+    or the plain module's gradients are averaged with average_gradients."""
+    from lowlabel.meta import MAML, meta_loss
+
+    spawn(W.maml_meta_grads, tmp_path / "maml")
+    r0, r1 = (torch.load(tmp_path / f"maml.{r}", weights_only=False) for r in (0, 1))
+    episodes = [W.toy_meta_episode(0), W.toy_meta_episode(1)]
+    for learn_lrs, key in ((False, "ddp"), (True, "ddp_meta_sgd")):
+        single = MAML(W.toy_maml_model(), steps=W.MAML_STEPS, lr=W.MAML_LR, learn_lrs=learn_lrs)
+        ((single.meta_loss(episodes[0]) + single.meta_loss(episodes[1])) / 2).backward()
+        for name, p in single.named_parameters():
+            for r in (r0, r1):
+                assert torch.allclose(r[key][name], p.grad, rtol=1e-10, atol=1e-13), (key, name)
+    single = W.toy_maml_model()
+    ((meta_loss(single, episodes[0], steps=W.MAML_STEPS, lr=W.MAML_LR) + meta_loss(single, episodes[1], steps=W.MAML_STEPS, lr=W.MAML_LR)) / 2).backward()
+    for r in (r0, r1):
+        for got, p in zip(r["explicit"], single.parameters()):
+            assert torch.allclose(got, p.grad, rtol=1e-10, atol=1e-13)
+    # Outside DDP's forward every worker keeps its own episode's meta-gradient.
+    for rank, r in enumerate((r0, r1)):
+        own = W.toy_maml_model()
+        meta_loss(own, episodes[rank], steps=W.MAML_STEPS, lr=W.MAML_LR).backward()
+        assert all(torch.allclose(got, p.grad, rtol=1e-10, atol=1e-13) for got, p in zip(r["outside_forward"], own.parameters()))
+        assert not torch.allclose(r["outside_forward"][0], single[0].weight.grad)
+
+
+def test_reptile_two_workers_equal_one_worker_on_the_union_of_meta_batches(tmp_path):
+    from lowlabel.meta import reptile_step
+
+    spawn(W.reptile_deltas, tmp_path / "reptile")
+    r0, r1 = (torch.load(tmp_path / f"reptile.{r}", weights_only=False) for r in (0, 1))
+    single = W.toy_maml_model()
+    reptile_step(single, [W.toy_meta_episode(i) for i in range(4)], steps=3, inner_lr=0.1, outer_lr=0.5)
+    for r in (r0, r1):
+        for got, p in zip(r["params"], single.parameters()):
+            assert torch.allclose(got, p.detach(), rtol=1e-12, atol=1e-14)

@@ -26,7 +26,7 @@ pytestmark = [
 TINY = {
     "data": {"max_train_per_class": 60, "max_test_per_class": 30, "labels_per_class": 2},
     "encoder": {"width": 16},
-    "pretrain": {"epochs": 1, "batch_size": 64},
+    "pretrain": {"epochs": 1, "min_steps": 0, "batch_size": 64},
     "semisup": {"steps": 4, "eval_every": 2, "batch_size": 8, "fixmatch": {"mu": 2, "threshold": 0.95, "lambda_u": 1.0}},
     "fewshot": {"episodes": 50, "queries": 5, "shots": [1, 5]},
 }
@@ -100,6 +100,10 @@ def test_every_mlflow_run_finished_and_linked(project):
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lowlabel").experiment_id])
     assert runs and all(r.info.status == "FINISHED" for r in runs)
+    # One `dvc repro`, one pipeline run: every stage run of it nested under it.
+    (parent,) = [r for r in runs if r.data.tags.get("lowlabel.pipeline") == "true"]
+    runs = [r for r in runs if r is not parent]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs} == {parent.info.run_id}
     stages = sorted(r.data.tags["lowlabel.stage"] for r in runs)
     assert stages == sorted(["prepare", "pretrain", "pretrain", "semisup", "semisup"] + ["fewshot"] * 5 + ["report"])
     pretrain = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "pretrain@simclr")
@@ -109,6 +113,18 @@ def test_every_mlflow_run_finished_and_linked(project):
     # MLflow 3 keeps models as LoggedModel entities linked to their source run.
     models = client.search_logged_models([pretrain.info.experiment_id], filter_string=f"source_run_id = '{pretrain.info.run_id}'")
     assert [m.name for m in models] == ["encoder"]
+    # The report: links and margins on the pipeline run, each trained encoder registered.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["lowlabel.stage_run.pretrain.simclr"] == pretrain.info.run_id
+    assert any(k.startswith("report/") for k in parent.data.metrics)
+    assert parent.data.params["pretrain.epochs"] == "1"
+    assert sorted(m.name for m in client.search_registered_models()) == [
+        "lowlabel-pretrain-moco", "lowlabel-pretrain-simclr", "lowlabel-semisup-fixmatch", "lowlabel-semisup-supervised"]
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    best = next(m for m in client.search_registered_models() if "best-fewshot" in m.aliases)
+    assert mlflow.pytorch.load_model(f"models:/{best.name}@best-fewshot") is not None
 
 
 def test_second_repro_is_a_noop(project):

@@ -240,6 +240,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
         ("byol", {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16, "momentum": 0.9, "momentum_final": 1.0}),
         ("barlowtwins", {"proj_hidden_dim": 16, "proj_dim": 16, "lambda_offdiag": 0.0051, "gather_distributed": None}),
         ("vicreg", {"proj_hidden_dim": 16, "proj_dim": 16, "sim_weight": 25.0, "var_weight": 25.0, "cov_weight": 1.0, "gather_distributed": None}),
+        ("rotnet", {"hidden_dim": 16}),
     ],
 )
 def test_more_ssl_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlflow_uri, tmp_path, method, kwargs):
@@ -252,3 +253,30 @@ def test_more_ssl_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlf
     assert math.isfinite(state["history"][1]["loss"]) and 0 <= state["history"][1]["knn_acc"] <= 1
     if method == "byol":  # the target followed the online network: 5 steps of EMA
         assert any(key.startswith("momentum_branch.") for key in state["model"])
+
+
+@pytest.mark.parametrize(
+    "method, augment, kwargs",
+    [
+        ("pseudolabel", "cpu", {"mu": 2, "lambda_u": 1.0, "threshold": 0.5, "rampup_start": 0.0, "rampup_end": 0.4}),
+        ("meanteacher", "device", {"mu": 2, "lambda_u": 50.0, "rampup_fraction": 0.4, "teacher": "ema"}),
+        ("mixmatch", "cpu", {"mu": 2, "temperature": 0.5, "mix_alpha": 0.5, "lambda_u": 100.0, "rampup_fraction": 0.4}),
+        ("flexmatch", "device", {"mu": 2, "lambda_u": 1.0, "threshold": 0.5, "threshold_warmup": True, "teacher": "student", "dist_align": False}),
+    ],
+)
+def test_more_semisup_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlflow_uri, tmp_path, method, augment, kwargs):
+    """Each method gets the unlabeled views it asks for, on either augmentation path; FlexMatch's
+    per-image record is filled from both workers' batches and checkpointed."""
+    _, run_id = new_run(mlflow_uri)
+    config = fixmatch_config(tiny_prepared, mlflow_uri, run_id, label=f"test-{method}", ema_decay=0.9)
+    config |= {"method": method, "method_kwargs": kwargs, "augment": augment}
+    state = final_state(
+        run_training_job(semisup_loop, config, name=method, workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray"))
+    )
+    last = state["history"][-1]
+    assert [h["step"] for h in state["history"]] == [3, 6]
+    assert math.isfinite(last["loss"]) and math.isfinite(last["loss_unsup"]) and 0 <= last["test_acc"] <= 1
+    if method == "flexmatch":
+        selected = state["method_state"]["learning_effect"]["selected"]
+        # one entry per unlabeled image (4 base classes x 40, less 2 labels each); some recorded
+        assert len(selected) == 4 * 40 - 4 * 2 and (selected >= -1).all() and (selected >= 0).any()

@@ -160,3 +160,28 @@ def test_barlow_twins_and_vicreg_train_the_encoder():
     for method in (BarlowTwins(tiny_encoder(), 8, proj_hidden_dim=8, proj_dim=4), VICReg(tiny_encoder(), 8, proj_hidden_dim=8, proj_dim=4)):
         method([randn(5, 6, seed=1).float(), randn(5, 6, seed=2).float()])["loss"].backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
+
+
+def test_rotnet_shows_each_image_in_four_rotations_and_classifies_them():
+    from lowlabel.methods.rotnet import rotated_batch
+
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float64).reshape(2, 1, 3, 3)
+    images, labels = rotated_batch(x)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # 90 degrees counter-clockwise: the top row becomes the left column, read bottom-up.
+    assert images[2, 0].tolist() == [[2.0, 5.0, 8.0], [1.0, 4.0, 7.0], [0.0, 3.0, 6.0]]
+    assert torch.equal(images[5], x[1].flip(-1).flip(-2))  # 180 degrees
+    torch.manual_seed(0)
+    rot = PRETRAIN_METHODS["rotnet"](nn.Sequential(nn.Flatten(), nn.Linear(9, 8)), 8, hidden_dim=8).double()
+    out = rot([x])
+    logits = rot.head(rot.encoder(images))
+    assert out["loss"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-12)
+    assert rot.num_views == 1
+
+
+def test_min_steps_adds_whole_epochs_to_small_data_only():
+    from lowlabel.train.pretrain import epochs_for
+
+    assert epochs_for(2, 200, 117) == 2  # Fashion-MNIST's 30k base images at batch 256: unchanged
+    assert epochs_for(2, 200, 15) == 14  # a 4k-image folder: 31 steps would be almost no training
+    assert epochs_for(5, 0, 3) == 5

@@ -21,8 +21,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0, le=1)]
 
-PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg")
-SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "supervised")
+PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg", "rotnet")
+SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "flexmatch", "mixmatch", "pseudolabel", "meanteacher", "supervised")
 # finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "finetune")
 
@@ -101,6 +101,10 @@ class RuntimeConfig(_Section):
     # Local embedded Ray only: how many CPUs it may use (null: the machine's count).
     local_num_cpus: PositiveInt | None = None
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # Where the training views are made: cpu (albumentations per image in the DataLoader), device
+    # (batched, per-sample parameters, on the training device: lowlabel.data.device_augment), or
+    # auto: device on GPU, and on CPU too (measured faster there: see resolve_augment).
+    augment: Literal["auto", "cpu", "device"] = "auto"
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -152,6 +156,7 @@ class MoCoConfig(_Section):
         return self
 
 
+
 class BYOLConfig(_Section):
     proj_hidden_dim: PositiveInt = 512
     proj_dim: PositiveInt = 128
@@ -185,9 +190,17 @@ class VICRegConfig(_Section):
     # Variance and covariance over every worker's batch; null: on when world size > 1.
     gather_distributed: bool | None = None
 
+
+class RotNetConfig(_Section):
+    # Hidden width of the rotation classifier on the encoder's features.
+    hidden_dim: PositiveInt = 256
+
 class PretrainConfig(_Section):
     methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr", "moco"])  # type: ignore[valid-type]
     epochs: PositiveInt = 2
+    # A floor on the optimiser steps: more whole epochs when `epochs` gives fewer (small folders).
+    # params.yaml sets the pipeline's 200; 0 here keeps hand-written configs on their epochs.
+    min_steps: Annotated[int, Field(ge=0)] = 0
     batch_size: PositiveInt = 256
     max_steps_per_epoch: PositiveInt | None = None
     optim: Optim = Optim(optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_fraction=0.05)
@@ -199,6 +212,7 @@ class PretrainConfig(_Section):
     byol: BYOLConfig = BYOLConfig()
     barlowtwins: BarlowTwinsConfig = BarlowTwinsConfig()
     vicreg: VICRegConfig = VICRegConfig()
+    rotnet: RotNetConfig = RotNetConfig()
 
     @model_validator(mode="after")
     def _crop(self) -> PretrainConfig:
@@ -244,6 +258,56 @@ class FreeMatchConfig(_UnlabeledConfig):
     lambda_f: NonNegFloat = 0.01  # the fairness term's weight (USB's default)
 
 
+
+
+class FlexMatchConfig(_UnlabeledConfig):
+    # tau: the bar of a fully learned class, and the confidence that records an image as learned.
+    threshold: Probability = 0.95
+    # Count the never-confident images as one more class in the normalisation (the paper's warm-up).
+    threshold_warmup: bool = True
+
+
+class MixMatchConfig(_Section):
+    mu: PositiveInt = 1
+    # Sharpening temperature of the guessed labels, Beta(mix_alpha, mix_alpha) for mixup.
+    temperature: PositiveFloat = 0.5
+    mix_alpha: PositiveFloat = 0.5
+    # Weight of the L2 term on the unlabeled part after the linear ramp-up (USB: 100, ramp 0.4).
+    lambda_u: NonNegFloat = 100.0
+    rampup_fraction: Annotated[float, Field(ge=0, le=1)] = 0.4
+
+class PseudoLabelConfig(_Section):
+    mu: PositiveInt = 7
+    # alpha_f of Lee (2013): the unlabeled weight after the ramp-up.
+    lambda_u: NonNegFloat = 1.0
+    # USB's confidence cut-off; 0 is the paper's unthresholded loss.
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.95
+    # The weight rises linearly from 0 at rampup_start to lambda_u at rampup_end (fractions of the steps).
+    rampup_start: Annotated[float, Field(ge=0, le=1)] = 0.0
+    rampup_end: Annotated[float, Field(ge=0, le=1)] = 0.4
+
+    @model_validator(mode="after")
+    def _rampup_order(self) -> PseudoLabelConfig:
+        if self.rampup_end < self.rampup_start:
+            raise ValueError(f"rampup_end ({self.rampup_end}) must be >= rampup_start ({self.rampup_start})")
+        return self
+
+
+class MeanTeacherConfig(_Section):
+    mu: PositiveInt = 1
+    # Consistency weight after the ramp-up (USB's 50 for softmax MSE).
+    lambda_u: NonNegFloat = 50.0
+    # Sigmoid ramp-up exp(-5 (1 - t)^2) over this fraction of the steps.
+    rampup_fraction: Annotated[float, Field(ge=0, le=1)] = 0.4
+    # The teacher is the EMA model (semisup.ema_decay): what makes it Mean Teacher.
+    teacher: Literal["ema"] = "ema"
+
+
+class SupervisedConfig(_Section):
+    # Mix the labeled batch: mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), Beta(mix_alpha, mix_alpha).
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: PositiveFloat = 1.0
+
 class RandAugmentConfig(_Section):
     num_ops: PositiveInt = 2
     magnitude: Annotated[int, Field(ge=0, le=30)] = 10
@@ -265,6 +329,11 @@ class SemisupConfig(_Section):
     fixmatch: FixMatchConfig = FixMatchConfig()
     uda: UDAConfig = UDAConfig()
     freematch: FreeMatchConfig = FreeMatchConfig()
+    flexmatch: FlexMatchConfig = FlexMatchConfig()
+    mixmatch: MixMatchConfig = MixMatchConfig()
+    pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
+    meanteacher: MeanTeacherConfig = MeanTeacherConfig()
+    supervised: SupervisedConfig = SupervisedConfig()
     randaugment: RandAugmentConfig = RandAugmentConfig()
 
 

@@ -11,18 +11,28 @@ from lowlabel.methods.barlow_twins import BarlowTwins
 from lowlabel.methods.base import MomentumSSLMethod, SSLMethod
 from lowlabel.methods.byol import BYOL
 from lowlabel.methods.moco import MoCo
+from lowlabel.methods.rotnet import RotNet
 from lowlabel.methods.simclr import SimCLR
 from lowlabel.methods.vicreg import VICReg
 
 # lowlabel.config.PRETRAIN_METHODS names the same keys (config imports no methods; a test checks).
 PRETRAIN_METHODS: dict[str, type[SSLMethod]] = {
-    method.name: method for method in (SimCLR, MoCo, BYOL, BarlowTwins, VICReg)
+    method.name: method for method in (SimCLR, MoCo, BYOL, BarlowTwins, VICReg, RotNet)
 }
 
 # What the preflight check (run by every training stage, pretrain included) needs to know of
 # the semi-supervised methods, without importing them; a test checks it agrees with
 # SEMISUP_REGISTRY's ``uses_unlabeled``.
-SEMISUP_USES_UNLABELED: dict[str, bool] = {"supervised": False, "fixmatch": True, "uda": True, "freematch": True}
+SEMISUP_USES_UNLABELED: dict[str, bool] = {
+    "supervised": False,
+    "fixmatch": True,
+    "uda": True,
+    "freematch": True,
+    "pseudolabel": True,
+    "meanteacher": True,
+    "mixmatch": True,
+    "flexmatch": True,
+}
 
 __all__ = [
     "BYOL",
@@ -31,6 +41,7 @@ __all__ = [
     "BarlowTwins",
     "MoCo",
     "MomentumSSLMethod",
+    "RotNet",
     "SSLMethod",
     "SimCLR",
     "VICReg",

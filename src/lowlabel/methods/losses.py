@@ -222,3 +222,25 @@ def vicreg_loss(
     var_term, cov_term = variance(z1) + variance(z2), covariance(z1) + covariance(z2)
     loss = sim_weight * invariance + var_weight * var_term + cov_weight * cov_term
     return loss, {"invariance": invariance.detach(), "variance": var_term.detach(), "covariance": cov_term.detach()}
+
+
+def linear_rampup(step: int, start: int, end: int) -> float:
+    """0 before ``start``, rising linearly to 1 at ``end``, 1 after (Pseudo-Label's alpha(t)/alpha_f)."""
+    if step >= end:
+        return 1.0
+    return max(0.0, (step - start) / max(1, end - start))
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """``exp(-5 (1 - t)^2)`` with t = step / length, 1 from ``length`` on (Mean Teacher's ramp-up,
+    after Laine & Aila 2017); ``length`` 0: no ramp-up."""
+    if length <= 0 or step >= length:
+        return 1.0
+    t = max(0.0, step / length)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean Teacher's consistency cost: ``mean_i mean_c (softmax(s_i)_c - t_ic)^2``; the teacher's
+    probabilities are a fixed target (detached)."""
+    return (torch.softmax(student_logits.float(), dim=1) - teacher_probs.detach().float()).pow(2).mean()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +28,7 @@ from lowlabel.methods.losses import (
     tsa_cross_entropy,
     tsa_threshold,
 )
+from lowlabel.methods.mixing import cutmix, mixed_cross_entropy, mixup
 
 
 @torch.no_grad()
@@ -56,10 +58,18 @@ class DistributionAlignment(nn.Module):
         return align_distribution(probs, self.model_mean)
 
 
-def supervised_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **_) -> dict[str, torch.Tensor]:
-    """The baseline: cross-entropy on the labeled batch alone."""
-    loss = F.cross_entropy(model(x), y)
-    return {"loss": loss, "loss_sup": loss.detach()}
+def supervised_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix: str = "none", mix_alpha: float = 1.0, **_
+) -> dict[str, torch.Tensor]:
+    """The baseline: cross-entropy on the labeled batch alone, optionally on its mixup or CutMix
+    pairs. The mixing draws come from the worker's seeded torch stream, so a seed repeats them."""
+    if mix == "none":
+        loss = F.cross_entropy(model(x), y)
+        return {"loss": loss, "loss_sup": loss.detach()}
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+    mixed, lam, perm = {"mixup": mixup, "cutmix": cutmix}[mix](x, mix_alpha, rng)
+    loss = mixed_cross_entropy(model(mixed), y, lam, perm)
+    return {"loss": loss, "loss_sup": loss.detach(), "mix_lambda": torch.tensor(lam)}
 
 
 def weak_targets(
@@ -200,6 +210,12 @@ class SemisupMethod:
     step: Callable[..., dict[str, torch.Tensor]]
     uses_unlabeled: bool
     make_state: Callable[[int, dict[str, Any]], dict[str, nn.Module]] = no_state
+    # The recipes of the unlabeled views the loop makes, passed as u_weak and u_strong (in this
+    # order; a method with one view gets no u_strong): FixMatch's weak + strong by default.
+    unlabeled_views: tuple[str, ...] = ("weak", "strong")
+    # The step also gets u_index (the images' positions in the unlabeled split) and make_state
+    # gets num_unlabeled in its kwargs: for per-image records (FlexMatch).
+    uses_index: bool = False
 
 
 SUPERVISED = SemisupMethod(supervised_step, uses_unlabeled=False)

@@ -19,8 +19,9 @@ from timm.utils import ModelEmaV3
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
+from lowlabel.data import device_augment
 from lowlabel.data.augment import eval_view, strong_view, weak_view
-from lowlabel.data.datasets import ViewsDataset
+from lowlabel.data.datasets import ImagesDataset, ViewsDataset
 from lowlabel.data.prepared import PreparedData
 from lowlabel.data.samplers import BalancedSampler, ShardedCycleSampler
 from lowlabel.distributed import all_reduce_mean
@@ -77,16 +78,37 @@ def semisup_loop(config: dict[str, Any]) -> None:
         fit_linear_head(model_inner.fc, extract_features(encoder, data.train_images, labeled, view), labeled_targets)
 
     size, channels = data.image_size, data.in_chans
-    weak = weak_view(size, data.mean, data.std)
-    labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=labeled_targets, seed=config["seed"])
-    unlabeled_ds = None
-    if spec.uses_unlabeled:
-        strong = strong_view(size, channels, data.mean, data.std, **config["randaugment"])
-        unlabeled = np.asarray(data.split.unlabeled)
-        # True labels ride along for the pseudo-label accuracy monitor only.
-        unlabeled_ds = ViewsDataset(
-            data.train_images, unlabeled, [weak, strong], targets=data.base_label(data.train_labels[unlabeled]), seed=config["seed"] + 1
-        )
+    # runtime.augment: views made per image in the DataLoader (cpu), or per batch in the loop on
+    # ctx.device from the uint8 images the DataLoader yields (device; seeded per (seed, chunk, step, rank, view)).
+    on_device = device_augment.resolve_augment(config.get("augment", "cpu"), ctx.device) == "device"
+    unlabeled_ds: ViewsDataset | ImagesDataset | None = None
+    # The unlabeled views the method asks for (FixMatch: weak + strong; Mean Teacher, MixMatch:
+    # two weak), made by the CPU or the device recipes; only the recipes used are built.
+    view_names = spec.unlabeled_views if spec.uses_unlabeled else ()
+    unlabeled = np.asarray(data.split.unlabeled)
+    # True labels ride along for the pseudo-label accuracy monitor only.
+    unlabeled_targets = data.base_label(data.train_labels[unlabeled])
+    if on_device:
+        device_weak = device_augment.weak_view(size, data.mean, data.std).to(ctx.device)
+        device_views = [
+            device_weak if name == "weak" else device_augment.strong_view(size, channels, data.mean, data.std, **config["randaugment"]).to(ctx.device)
+            for name in view_names
+        ]
+        labeled_ds: ViewsDataset | ImagesDataset = ImagesDataset(data.train_images, labeled, targets=labeled_targets)
+        if spec.uses_unlabeled:
+            unlabeled_ds = ImagesDataset(data.train_images, unlabeled, targets=unlabeled_targets, with_position=spec.uses_index)
+    else:
+        weak = weak_view(size, data.mean, data.std)
+        labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=labeled_targets, seed=config["seed"])
+        if spec.uses_unlabeled:
+            unlabeled_ds = ViewsDataset(
+                data.train_images,
+                unlabeled,
+                [weak if name == "weak" else strong_view(size, channels, data.mean, data.std, **config["randaugment"]) for name in view_names],
+                targets=unlabeled_targets,
+                seed=config["seed"] + 1,
+                with_position=spec.uses_index,
+            )
 
     per_worker = config["batch_size"] // ctx.world_size
     if len(labeled) < config["batch_size"]:
@@ -103,7 +125,8 @@ def semisup_loop(config: dict[str, Any]) -> None:
     logger.record_placement(ctx)
     method_kwargs = config["method_kwargs"]
     # Running statistics of the method (aligner, thresholds): passed to the step by name, checkpointed.
-    method_state = {key: module.to(ctx.device) for key, module in spec.make_state(len(data.split.base_classes), method_kwargs).items()}
+    state_kwargs = method_kwargs | ({"num_unlabeled": len(unlabeled)} if spec.uses_index else {})
+    method_state = {key: module.to(ctx.device) for key, module in spec.make_state(len(data.split.base_classes), state_kwargs).items()}
     # The EMA model labels the weak view in eval mode (its BN running statistics), never trained.
     teacher = ema.module if method_kwargs.get("teacher") == "ema" else None
 
@@ -146,11 +169,23 @@ def semisup_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         for i, batches in enumerate(zip(*loaders)):
             maybe_inject_fault(config, ctx, chunk + 1, i)  # test hook; chunks play the role of epochs
+            if on_device:  # the CPU path's streams: labeled (seed), unlabeled view k (seed + 1, k)
+                images, labels = batches[0]
+                seed = device_augment.batch_seed(config["seed"], chunk, i, ctx.rank, 0)
+                views: list[tuple[torch.Tensor, ...]] = [(device_weak(images.to(ctx.device, non_blocking=True), seed), labels)]
+                if unlabeled_ds is not None:
+                    images, *rest = batches[1]
+                    images = images.to(ctx.device, non_blocking=True)
+                    seeds = [device_augment.batch_seed(config["seed"] + 1, chunk, i, ctx.rank, k) for k in range(len(device_views))]
+                    views.append((*(view(images, s) for view, s in zip(device_views, seeds)), *rest))
+                batches = tuple(views)
             x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
             kwargs: dict[str, Any] = {**method_kwargs, **method_state, "step": first + i, "total_steps": steps, "teacher": teacher}
             if unlabeled_ds is not None:
-                u_weak, u_strong, u_true = batches[1]
-                kwargs |= dict(u_weak=ctx.to_device(u_weak), u_strong=ctx.to_device(u_strong), u_true=u_true.to(ctx.device))
+                u_views, rest = batches[1][: len(view_names)], batches[1][len(view_names) :]
+                kwargs |= dict(zip(("u_weak", "u_strong"), (ctx.to_device(v) for v in u_views)), u_true=rest[0].to(ctx.device))
+                if spec.uses_index:
+                    kwargs["u_index"] = rest[1].to(ctx.device)
             with ctx.autocast():
                 out = spec.step(model, x, y, **kwargs)
             check_finite(out["loss"], chunk + 1, first + i)
@@ -160,7 +195,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
         seconds = time.perf_counter() - started
-        images = n_steps * per_worker * ctx.world_size * (1 + 2 * method_kwargs["mu"] if unlabeled_ds is not None else 1)
+        images = n_steps * per_worker * ctx.world_size * (1 + len(view_names) * method_kwargs.get("mu", 0))
         metrics = {key: all_reduce_mean(value / n_steps).item() for key, value in sums.items()}
         metrics |= {"lr": optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
         if ctx.is_main:
