@@ -218,3 +218,23 @@ def test_dvc_repro_and_exp_run_are_one_parent_run_each(tmp_path):
     assert exp.data.tags[TAG_DVC_EXP] == "tiny-exp"
     assert first.data.params["data.max_train_per_class"] == "20"
     assert [(r.data.tags[TAG_STAGE], r.data.tags.get(TAG_PARENT)) for r in stages] == [("prepare", first.info.run_id)]
+
+
+def test_source_stage_warns_at_once_when_the_tracking_server_is_down(tmp_path, monkeypatch, capsys):
+    """The pipeline run is a convenience: a dead server costs the source stage a warning within
+    seconds (not MLflow's minutes of retries), and the stages that log stop with their own error."""
+    import socket
+    import time
+
+    from lowlabel import tracking
+    from lowlabel.config import parse_params
+    from lowlabel.stages.source import open_pipeline_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the socket closes
+    monkeypatch.setattr(tracking, "dvc_invocation", lambda: "123@1.000")
+    started = time.monotonic()
+    run_id = open_pipeline_run(parse_params({"tracking": {"uri": f"http://127.0.0.1:{port}"}}), tmp_path)
+    assert run_id is None and time.monotonic() - started < 10
+    assert f"[source] warning: no MLflow pipeline run in http://127.0.0.1:{port}" in capsys.readouterr().out
