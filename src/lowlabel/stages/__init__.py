@@ -1,0 +1,1 @@
+"""One thin entry per DVC stage: ``python -m lowlabel.stages.<name>``."""
