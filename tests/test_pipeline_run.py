@@ -234,6 +234,7 @@ def test_source_stage_warns_at_once_when_the_tracking_server_is_down(tmp_path, m
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens once the socket closes
     monkeypatch.setattr(tracking, "dvc_invocation", lambda: "123@1.000")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # it would win over tracking.uri (earlier tests may set it)
     started = time.monotonic()
     run_id = open_pipeline_run(parse_params({"tracking": {"uri": f"http://127.0.0.1:{port}"}}), tmp_path)
     assert run_id is None and time.monotonic() - started < 10

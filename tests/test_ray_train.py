@@ -112,6 +112,7 @@ def test_pretrain_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path
     losses = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in losses) == [1, 2]
     assert sorted(m.step for m in client.get_metric_history(run_id, "knn_acc")) == [0, 1, 2]
+    assert client.get_run(run_id).data.tags["lowlabel.augment"] == "cpu"  # what runtime.augment resolved to
 
 
 def test_semisup_fixmatch_job_two_workers(ray_local, tiny_prepared, mlflow_uri, tmp_path):
@@ -267,7 +268,7 @@ def test_more_ssl_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlf
 def test_more_semisup_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlflow_uri, tmp_path, method, augment, kwargs):
     """Each method gets the unlabeled views it asks for, on either augmentation path; FlexMatch's
     per-image record is filled from both workers' batches and checkpointed."""
-    _, run_id = new_run(mlflow_uri)
+    client, run_id = new_run(mlflow_uri)
     config = fixmatch_config(tiny_prepared, mlflow_uri, run_id, label=f"test-{method}", ema_decay=0.9)
     config |= {"method": method, "method_kwargs": kwargs, "augment": augment}
     state = final_state(
@@ -276,6 +277,7 @@ def test_more_semisup_methods_train_as_two_worker_jobs(ray_local, tiny_prepared,
     last = state["history"][-1]
     assert [h["step"] for h in state["history"]] == [3, 6]
     assert math.isfinite(last["loss"]) and math.isfinite(last["loss_unsup"]) and 0 <= last["test_acc"] <= 1
+    assert client.get_run(run_id).data.tags["lowlabel.augment"] == augment
     if method == "flexmatch":
         selected = state["method_state"]["learning_effect"]["selected"]
         # one entry per unlabeled image (4 base classes x 40, less 2 labels each); some recorded

@@ -295,7 +295,8 @@ def _main(argv: list[str]) -> int:
     cmd = ["mlflow", "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     if destination:
         cmd[4:4] = ["--artifacts-destination", artifacts_destination(destination)]
-    print(f"[ui] {db} on http://127.0.0.1:{args.port} (artifacts: {destination or 'none recorded'})", flush=True)
+    print(f"[ui] {db} on http://127.0.0.1:{args.port} (artifacts: {destination or 'none recorded'}); training runs: "
+          "pick 'Model training' in the sidebar, or add ?workflowType=machine_learning to an experiment's URL", flush=True)
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execvp(cmd[0], cmd)

@@ -129,6 +129,10 @@ class MetricsLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.client.log(metrics, step)
 
+    def tag(self, tags: dict[str, str]) -> None:
+        """Tags of the run that only the worker knows (e.g. a setting resolved on its device)."""
+        self.client.tag(tags)
+
     def record_placement(self, ctx: WorkerContext) -> list[str]:
         """Every rank's node address, in rank order, as the run's tag ``lowlabel.worker_nodes``:
         where the job really ran (a collective: every rank calls it)."""

@@ -91,6 +91,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     optimizer, schedule = build_optimizer(method, total_steps, **config["optim"])
     logger = MetricsLogger(ctx, config)
     logger.record_placement(ctx)
+    # runtime.augment: auto resolves per device; the run says what it resolved to.
+    logger.tag({"lowlabel.augment": "device" if device_view is not None else "cpu"})
 
     start_epoch, history = 0, []
     state = load_state(config)

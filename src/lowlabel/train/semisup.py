@@ -123,6 +123,8 @@ def semisup_loop(config: dict[str, Any]) -> None:
     ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
     logger = MetricsLogger(ctx, config)
     logger.record_placement(ctx)
+    # runtime.augment: auto resolves per device; the run says what it resolved to.
+    logger.tag({"lowlabel.augment": "device" if on_device else "cpu"})
     method_kwargs = config["method_kwargs"]
     # Running statistics of the method (aligner, thresholds): passed to the step by name, checkpointed.
     state_kwargs = method_kwargs | ({"num_unlabeled": len(unlabeled)} if spec.uses_index else {})
