@@ -17,6 +17,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def gathers(setting: bool | None) -> bool:
+    """A method's ``gather_distributed`` setting: explicit, or (None) on exactly when distributed."""
+    return world_size() > 1 if setting is None else setting
+
+
 def gather_distributed(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every worker along dim 0, in rank order, keeping gradients.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowlabel.distributed import world_size
+from lowlabel.distributed import gathers
 from lowlabel.methods.base import SSLMethod
 from lowlabel.methods.losses import barlow_twins_loss
 from lowlabel.models.heads import mlp
@@ -29,8 +29,6 @@ class BarlowTwins(SSLMethod):
         self.gather_distributed = gather_distributed
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        n = views[0].shape[0]
-        z = self.projector(self.encoder(torch.cat(views)))
+        z1, z2 = self.project_pair(views, self.projector)
         # The cross-correlation is a statistic of the global batch: gathered when distributed.
-        gather = world_size() > 1 if self.gather_distributed is None else self.gather_distributed
-        return {"loss": barlow_twins_loss(z[:n], z[n:], self.lambda_offdiag, gather=gather)}
+        return {"loss": barlow_twins_loss(z1, z2, self.lambda_offdiag, gather=gathers(self.gather_distributed))}

@@ -34,6 +34,13 @@ class SSLMethod(nn.Module, ABC):
         # DDP only syncs gradients through forward(), so the step is the forward.
         return self.training_step(views)
 
+    def project_pair(self, views: list[torch.Tensor], projector: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views through the encoder and ``projector`` in one forward, so BatchNorm sees the
+        same 2N batch as in the papers; returns the two views' projections."""
+        n = views[0].shape[0]
+        z = projector(self.encoder(torch.cat(views)))
+        return z[:n], z[n:]
+
     def on_train_step_end(self, step: int, total_steps: int) -> None:
         """Hook after ``optimizer.step()`` (momentum updates); default none."""
 

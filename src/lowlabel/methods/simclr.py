@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowlabel.distributed import world_size
+from lowlabel.distributed import gathers
 from lowlabel.methods.base import SSLMethod
 from lowlabel.methods.losses import nt_xent_loss
 from lowlabel.models.heads import projection_mlp
@@ -31,9 +31,5 @@ class SimCLR(SSLMethod):
         self.gather_distributed = gather_distributed
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        n = views[0].shape[0]
-        # One forward over both views: BatchNorm sees the same 2N batch as in the paper.
-        z = self.projector(self.encoder(torch.cat(views)))
-        gather = world_size() > 1 if self.gather_distributed is None else self.gather_distributed
-        loss = nt_xent_loss(z[:n], z[n:], self.temperature, gather=gather)
-        return {"loss": loss}
+        z1, z2 = self.project_pair(views, self.projector)
+        return {"loss": nt_xent_loss(z1, z2, self.temperature, gather=gathers(self.gather_distributed))}
