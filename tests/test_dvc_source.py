@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from conftest import REPO
+from dvc_project import dvc_project, ran_stages
 from PIL import Image
 
 from lowlabel.config import parse_params
@@ -66,39 +65,14 @@ def test_locations_follow_the_loaders_search():
     assert all(p.suffix.lower() in (".ttf", ".ttc") for p in fonts)
 
 
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
 @pytest.mark.slow
 def test_editing_one_source_image_reruns_prepare(tmp_path):
     images = tmp_path / "images"
     write_images(images)
     root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] |= {"source": "imagefolder", "root": str(images), "novel_classes": [2], "labels_per_class": 2, "test_fraction": 0.34}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmetrics/\n")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(root / "src"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-
-    def sh(*args: str) -> str:
-        proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout
-
-    sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "init")
+    sh = dvc_project(root, params)
 
     assert ran_stages(sh("dvc", "repro", "prepare")) == ["source", "prepare"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]

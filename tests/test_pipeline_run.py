@@ -8,15 +8,12 @@ prepare`` and ``dvc exp run`` in a temp git repository.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
+from dvc_project import dvc_project, ran_stages
 from mlflow.tracking import MlflowClient
 
 from lowlabel.config import flatten, parse_params
@@ -164,10 +161,6 @@ def test_report_links_stage_runs_logs_margins_and_registers_the_best_encoder(mlf
     assert client.get_run(parent2).data.tags["lowlabel.stage_run.pretrain.simclr"] == trained["pretrain/simclr"]
 
 
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
 @pytest.mark.slow
 def test_dvc_repro_and_exp_run_are_one_parent_run_each(tmp_path):
     """A real `dvc repro prepare` then `dvc exp run -n NAME prepare` (Fashion-MNIST capped to a
@@ -176,32 +169,9 @@ def test_dvc_repro_and_exp_run_are_one_parent_run_each(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".dvcignore", root)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] |= {"max_train_per_class": 20, "max_test_per_class": 10}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmetrics/\n/.lowlabel/\n")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(root / "src"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    for key in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME"):
-        env.pop(key, None)
-
-    def sh(*args: str) -> str:
-        proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout
-
-    sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "init")
+    sh = dvc_project(root, params)
     assert ran_stages(sh("dvc", "repro", "prepare")) == ["source", "prepare"]
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "lock")

@@ -110,23 +110,28 @@ def test_the_op_set_is_the_published_one():
         assert len(randaugment_ops(channels, 10)) == 14
 
 
+def assert_like_reference(name: str, channels: int, image: np.ndarray, v: float, ours: np.ndarray) -> None:
+    """``ours`` (op ``name`` at value ``v`` on ``image``) against torchvision's, within this file's
+    tolerances; and the op does something, where it should."""
+    ref = reference(name, image, v)
+    assert ours.shape == ref.shape == image.shape and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    if name in GEOMETRIC:
+        assert (diff > 0).mean() <= MAX_DIFFERING_SHARE, (name, v, (diff > 0).mean())
+        assert diff.mean() <= MAX_MEAN_DIFF, (name, v, diff.mean())
+    else:
+        assert diff.max() <= POINT_TOLERANCE[name], (name, v, diff.max())
+    if name not in ("Identity", "Posterize") and not (name == "Color" and channels == 1):
+        assert not np.array_equal(ours, image), (name, v)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", RANDAUGMENT_OPS)
 def test_op_matches_torchvision(name, channels):
     for seed in (0, 1):
         image = natural_image(channels, seed)
         for v in VALUES[name]:
-            ours = run(randaugment_op(name, v, v), image)
-            ref = reference(name, image, v)
-            assert ours.shape == ref.shape == image.shape and ours.dtype == np.uint8
-            diff = np.abs(ours.astype(int) - ref.astype(int))
-            if name in GEOMETRIC:
-                assert (diff > 0).mean() <= MAX_DIFFERING_SHARE, (name, v, (diff > 0).mean())
-                assert diff.mean() <= MAX_MEAN_DIFF, (name, v, diff.mean())
-            else:
-                assert diff.max() <= POINT_TOLERANCE[name], (name, v, diff.max())
-            if name not in ("Identity", "Posterize") and not (name == "Color" and channels == 1):
-                assert not np.array_equal(ours, image), (name, v)  # the op does something
+            assert_like_reference(name, channels, image, v, run(randaugment_op(name, v, v), image))
 
 
 def test_sharpness_blurs_below_one_and_keeps_the_border():
