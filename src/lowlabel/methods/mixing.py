@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 
 
+def torch_seeded_rng() -> np.random.Generator:
+    """A generator seeded from torch's global stream: inside a training step, the worker's seeded
+    stream, so a seed repeats the mixing draws."""
+    return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
 def _draw(alpha: float, rng: np.random.Generator, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
     if alpha <= 0:
         raise ValueError(f"mixing alpha must be > 0, got {alpha}")

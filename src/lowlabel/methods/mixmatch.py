@@ -12,13 +12,12 @@ interleaving serves the same end across GPUs).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.methods.losses import linear_rampup, sharpen
-from lowlabel.methods.mixing import mix_targets, mixup, soft_cross_entropy
+from lowlabel.methods.mixing import mix_targets, mixup, soft_cross_entropy, torch_seeded_rng
 from lowlabel.methods.semisup import SemisupMethod, unlabeled_report
 
 
@@ -50,7 +49,7 @@ def mixmatch_step(
     num_classes = guess.shape[1]
     images = torch.cat([x, *views])
     targets = torch.cat([F.one_hot(y, num_classes).float(), guess, guess])
-    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))  # the worker's seeded stream
+    rng = torch_seeded_rng()
     mixed, lam, perm = mixup(images, mix_alpha, rng, keep_larger=True)
     mixed_targets = mix_targets(targets, lam, perm)
     logits = model(mixed)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +27,7 @@ from lowlabel.methods.losses import (
     tsa_cross_entropy,
     tsa_threshold,
 )
-from lowlabel.methods.mixing import cutmix, mixed_cross_entropy, mixup
+from lowlabel.methods.mixing import cutmix, mixed_cross_entropy, mixup, torch_seeded_rng
 
 
 @torch.no_grad()
@@ -66,7 +65,7 @@ def supervised_step(
     if mix == "none":
         loss = F.cross_entropy(model(x), y)
         return {"loss": loss, "loss_sup": loss.detach()}
-    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+    rng = torch_seeded_rng()
     mixed, lam, perm = {"mixup": mixup, "cutmix": cutmix}[mix](x, mix_alpha, rng)
     loss = mixed_cross_entropy(model(mixed), y, lam, perm)
     return {"loss": loss, "loss_sup": loss.detach(), "mix_lambda": torch.tensor(lam)}
