@@ -274,9 +274,9 @@ def register_encoders(client: MlflowClient, encoders: dict[str, str], best: str 
             if not logged:
                 raise mlflow.exceptions.MlflowException(f"run {run_id} ({name}) logged no model named 'encoder'")
             model_id = logged[0].model_id
-            version = client.create_model_version(model, f"models:/{model_id}", run_id=run_id, tags=(tags or {}).get(name), model_id=model_id)
+            version = client.create_model_version(model, f"models:/{model_id}", run_id=run_id, model_id=model_id)
         versions[name] = str(version.version)
-        for key, value in ((tags or {}).get(name) or {}).items():
+        for key, value in ((tags or {}).get(name) or {}).items():  # a new version's and a found one's alike
             client.set_model_version_tag(model, str(version.version), key, value)
     if best in versions:
         for registered in client.search_registered_models("name LIKE 'lowlabel-%'"):

@@ -115,14 +115,13 @@ def open_pipeline_run(params: Params, root: Path) -> str | None:
     """Under DVC, the pipeline run of this invocation (its id, recorded for the later stages);
     None when run by hand. A store that cannot take it only warns here: the stages that must
     log to it stop with their own clear error."""
-    from lowlabel.tracking import check_server, dvc_invocation, resolve_tracking_uri, start_pipeline_run
+    from lowlabel.tracking import dvc_invocation, resolve_tracking_uri, start_pipeline_run
 
     invocation = dvc_invocation()
     if invocation is None:
         return None
     uri = resolve_tracking_uri(params.tracking.uri, root)
     try:
-        check_server(uri)  # seconds, not the minutes of MLflow's own retries against a dead server
         return start_pipeline_run(
             tracking_uri=uri, artifact_root=params.tracking.artifact_root, experiment=params.tracking.experiment,
             params=flatten(params), root=root, invocation=invocation,
