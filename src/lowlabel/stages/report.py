@@ -38,6 +38,7 @@ from lowlabel.tracking import (
     TAG_INIT_RUN,
     TAG_PARENT,
     register_encoders,
+    registered_model_name,
     update_pipeline_run,
 )
 
@@ -202,7 +203,7 @@ def link_and_register(metrics: dict, deltas: dict[str, float], run) -> None:
                    "report_run_id": run.info.run_id} for name in trained}
     versions = register_encoders(client, trained, best, tags)
     if best:
-        print(f"[report] registered {len(versions)} encoders; best-fewshot: lowlabel-{best.replace('/', '-')} v{versions[best]} "
+        print(f"[report] registered {len(versions)} encoders; best-fewshot: {registered_model_name(best)} v{versions[best]} "
               f"({setting} {encoders[best][setting]['acc'] * 100:.1f})", flush=True)
     parent = run.data.tags.get(TAG_PARENT)
     if parent:
