@@ -47,6 +47,7 @@ from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier
 from lowlabel.presets import PRESETS_DIR, merge, set_param
+from lowlabel.runner.job_config import JobConfig
 from lowlabel.runner.jobs import common_config, pretrain_job, semisup_job
 from lowlabel.runner.launch import run_training_job
 from lowlabel.runner.worker import read_state, setup_worker
@@ -60,7 +61,7 @@ def nccl_probe_loop(config: dict) -> None:
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_fn
 
-    ctx = setup_worker(config)
+    ctx = setup_worker(JobConfig.from_config(config))
     x = torch.arange(6.0, device=ctx.device).reshape(2, 3).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # see lowlabel.distributed.gather_distributed

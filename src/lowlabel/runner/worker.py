@@ -20,6 +20,8 @@ import ray
 import ray.train
 import torch
 
+from lowlabel.runner.job_config import JobConfig
+
 STATE_FILE = "state.pt"
 
 
@@ -69,14 +71,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_worker(config: dict[str, Any]) -> WorkerContext:
+def setup_worker(job: JobConfig) -> WorkerContext:
     """Seed, size the thread pool to this worker's CPUs, and pick device and precision."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
-    seed_everything(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's weights
+    torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    seed_everything(job.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     device = ray.train.torch.get_device()
-    amp = config.get("amp", "auto")
+    amp = job.amp
     amp_dtype = None
     if device.type == "cuda" and amp != "off":
         amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
@@ -95,15 +97,15 @@ def read_state(checkpoint: str | Path | ray.train.Checkpoint) -> dict[str, Any]:
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def load_state(config: dict[str, Any]) -> dict[str, Any] | None:
+def load_state(job: JobConfig) -> dict[str, Any] | None:
     """The state to continue from: this job's latest checkpoint after a worker restart, else the
-    previous run's newest complete checkpoint (``config["resume_from"]``, a Ray Checkpoint on
+    previous run's newest complete checkpoint (``job.resume_from``, a Ray Checkpoint on
     the job's storage), else None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         return read_state(checkpoint)
-    if config.get("resume_from") is not None:
-        return read_state(config["resume_from"])
+    if job.resume_from is not None:
+        return read_state(job.resume_from)
     return None
 
 
@@ -121,10 +123,10 @@ class MetricsLogger:
     """Rank-0 metrics to the stage's MLflow run, through the job's metrics sink (see
     lowlabel.runner.metrics_sink: the worker may be on a node that cannot reach the tracker)."""
 
-    def __init__(self, ctx: WorkerContext, config: dict[str, Any]) -> None:
+    def __init__(self, ctx: WorkerContext, job: JobConfig) -> None:
         from lowlabel.runner.metrics_sink import SinkClient
 
-        self.client = SinkClient(config.get("metrics_sink") if ctx.is_main else None)
+        self.client = SinkClient(job.metrics_sink if ctx.is_main else None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.client.log(metrics, step)
@@ -193,17 +195,17 @@ def print_main(ctx: WorkerContext, text: str) -> None:
 
 
 
-def maybe_inject_fault(config: dict[str, Any], ctx: WorkerContext, epoch: int, step: int) -> None:
+def maybe_inject_fault(job: JobConfig, ctx: WorkerContext, epoch: int, step: int) -> None:
     """Test hook for fault tolerance: kill this worker process once, mid-epoch.
 
-    ``config["fault_injection"] = {"epoch": e, "step": s, "rank": r, "marker": path, "delay_s": d}`` makes
+    ``fault_injection={"epoch": e, "step": s, "rank": r, "marker": path, "delay_s": d}`` makes
     rank r (or, with ``"node_ip"`` instead of ``"rank"``, every rank on that node) exit abruptly
     at step s of epoch e, the first time only (the marker file remembers; on a cluster it must be
     on storage every node sees),
     as a crashed or preempted worker would; Ray Train then restarts the group from the last
     checkpoint when ``runtime.max_failures`` allows.
     """
-    fault = config.get("fault_injection")
+    fault = job.fault_injection
     if not fault or (epoch, step) != (fault["epoch"], fault["step"]):
         return
     # By node ("node_ip": the ranks on that host die, as when a node is lost) or by rank.

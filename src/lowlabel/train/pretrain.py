@@ -25,17 +25,9 @@ from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.methods import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.runner.inputs import open_data
-from lowlabel.runner.worker import (
-    MetricsLogger,
-    Progress,
-    WorkerContext,
-    check_finite,
-    load_state,
-    maybe_inject_fault,
-    print_main,
-    report,
-    setup_worker,
-)
+from lowlabel.runner.job_config import PretrainJob
+from lowlabel.runner.worker import WorkerContext, check_finite, maybe_inject_fault, print_main, setup_worker
+from lowlabel.train.loop import TrainingFrame
 from lowlabel.train.optim import build_optimizer
 
 
@@ -55,62 +47,55 @@ def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData
 
 
 def pretrain_loop(config: dict[str, Any]) -> None:
-    ctx = setup_worker(config)
-    data = open_data(config["data"])
-    encoder = build_encoder(config["arch"], data.in_chans, config["width"])
-    method = PRETRAIN_METHODS[config["method"]](encoder, feature_dim(encoder, data.in_chans, data.image_size), **config["method_kwargs"])
+    job = PretrainJob.from_config(config)
+    ctx = setup_worker(job)
+    data = open_data(job.data)
+    encoder = build_encoder(job.arch, data.in_chans, job.width)
+    method = PRETRAIN_METHODS[job.method](encoder, feature_dim(encoder, data.in_chans, data.image_size), **job.method_kwargs)
 
     # runtime.augment: views made per image in the DataLoader (cpu), or per batch here on ctx.device
     # from the uint8 images the DataLoader yields (device; seeded per (seed, epoch, step, rank, view)).
     device_view = None
-    recipe = dict(crop_scale=tuple(config["crop_scale"]))
-    if device_augment.resolve_augment(config.get("augment", "cpu"), ctx.device) == "device":
+    recipe = dict(crop_scale=tuple(job.crop_scale))
+    if device_augment.resolve_augment(job.augment, ctx.device) == "device":
         device_view = device_augment.contrastive_view(data.image_size, data.in_chans, data.mean, data.std, **recipe).to(ctx.device)
         dataset = ImagesDataset(data.train_images, data.split.pretrain)
     else:
         view = contrastive_view(data.image_size, data.in_chans, data.mean, data.std, **recipe)
-        dataset = ViewsDataset(data.train_images, data.split.pretrain, [view] * method.num_views, seed=config["seed"])
-    per_worker = config["batch_size"] // ctx.world_size
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config["seed"], drop_last=True)
+        dataset = ViewsDataset(data.train_images, data.split.pretrain, [view] * method.num_views, seed=job.seed)
+    per_worker = job.batch_size // ctx.world_size
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=job.seed, drop_last=True)
     loader = DataLoader(
-        dataset, batch_size=per_worker, sampler=sampler, drop_last=True, num_workers=config["loader_workers"], pin_memory=ctx.device.type == "cuda"
+        dataset, batch_size=per_worker, sampler=sampler, drop_last=True, num_workers=job.loader_workers, pin_memory=ctx.device.type == "cuda"
     )
-    steps_per_epoch = min(len(loader), config.get("max_steps_per_epoch") or len(loader))
+    steps_per_epoch = min(len(loader), job.max_steps_per_epoch or len(loader))
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"pretrain.batch_size={config['batch_size']} is larger than the {len(dataset)} pretraining images; lower it"
-        )
-    epochs = epochs_for(config["epochs"], config.get("min_steps", 0), steps_per_epoch)
-    if epochs > config["epochs"]:
-        print_main(ctx, f"[{config['label']}] {config['epochs']} epochs of {steps_per_epoch} steps < pretrain.min_steps={config['min_steps']}: training {epochs} epochs")
+        raise ValueError(f"pretrain.batch_size={job.batch_size} is larger than the {len(dataset)} pretraining images; lower it")
+    epochs = epochs_for(job.epochs, job.min_steps, steps_per_epoch)
+    if epochs > job.epochs:
+        print_main(ctx, f"[{job.label}] {job.epochs} epochs of {steps_per_epoch} steps < pretrain.min_steps={job.min_steps}: training {epochs} epochs")
     total_steps = epochs * steps_per_epoch
 
     if ctx.channels_last:
         method.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(method)  # DDP when world > 1; `method` stays the inner module
-    optimizer, schedule = build_optimizer(method, total_steps, **config["optim"])
-    logger = MetricsLogger(ctx, config)
-    logger.record_placement(ctx)
+    optimizer, schedule = build_optimizer(method, total_steps, **job.optim)
+    frame = TrainingFrame(
+        ctx, job, total=epochs, unit="epoch", stateful={"model": method, "optimizer": optimizer},
+        extra_state=lambda: {"encoder": method.encoder.state_dict()},
+    )
     # runtime.augment: auto resolves per device; the run says what it resolved to.
-    logger.tag({"lowlabel.augment": "device" if device_view is not None else "cpu"})
+    frame.logger.tag({"lowlabel.augment": "device" if device_view is not None else "cpu"})
 
-    start_epoch, history = 0, []
-    state = load_state(config)
-    if state is not None:
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
-        print_main(ctx, f"[{config['label']}] resumed from the checkpoint of epoch {start_epoch}")
-        logger.log({"resumed_at_epoch": start_epoch}, step=start_epoch)  # the restart, on the record
-    elif ctx.is_main:
+    def knn() -> float:
+        return knn_monitor(ctx, method.encoder, data, job.knn_k, job.knn_bank_size, job.seed)
+
+    start_epoch = frame.resume()
+    if start_epoch == 0 and ctx.is_main:
         # The encoder before any training: the random-init reference for the kNN curve.
-        knn0 = knn_monitor(ctx, method.encoder, data, config["knn_k"], config["knn_bank_size"], config["seed"])
-        history.append({"epoch": 0, "knn_acc": knn0})
-        logger.log({"knn_acc": knn0}, step=0)
-        print_main(ctx, f"[{config['label']}] epoch 0/{epochs} knn_acc {knn0:.4f} (initial encoder)")
+        frame.record(0, {"knn_acc": (knn0 := knn())})
+        print_main(ctx, f"[{job.label}] epoch 0/{epochs} knn_acc {knn0:.4f} (initial encoder)")
 
-    progress = Progress(config["label"], epochs, done_at_start=start_epoch)
-    grad_clip = config.get("grad_clip")
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -120,17 +105,17 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break
-            maybe_inject_fault(config, ctx, epoch + 1, step)
+            maybe_inject_fault(job, ctx, epoch + 1, step)
             if device_view is None:
                 views = [ctx.to_device(v) for v in batch[:-1]]
             else:
                 images = batch[0].to(ctx.device, non_blocking=True)
-                seeds = [device_augment.batch_seed(config["seed"], epoch, step, ctx.rank, v) for v in range(method.num_views)]
+                seeds = [device_augment.batch_seed(job.seed, epoch, step, ctx.rank, v) for v in range(method.num_views)]
                 views = [ctx.to_device(device_view(images, s)) for s in seeds]
             with ctx.autocast():
                 loss = model(views)["loss"]
             check_finite(loss, epoch + 1, step)
-            ctx.optimizer_step(loss, optimizer, method.parameters(), grad_clip)
+            ctx.optimizer_step(loss, optimizer, method.parameters(), job.grad_clip)
             global_step = epoch * steps_per_epoch + step + 1
             schedule.step_update(global_step)
             method.on_train_step_end(global_step, total_steps)
@@ -142,16 +127,6 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images / seconds,
         }
-        if ctx.is_main and ((epoch + 1) % config["eval_every"] == 0 or epoch + 1 == epochs):
-            metrics["knn_acc"] = knn_monitor(ctx, method.encoder, data, config["knn_k"], config["knn_bank_size"], config["seed"])
-        history.append({"epoch": epoch + 1, **metrics})
-        logger.log(metrics, step=epoch + 1)
-        print_main(ctx, progress.line(epoch + 1, images, seconds, metrics))
-        state = {
-            "model": method.state_dict(),
-            "encoder": method.encoder.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-        }
-        report(ctx, {"epoch": epoch + 1, **metrics}, state if ctx.is_main else None)
+        if ctx.is_main and ((epoch + 1) % job.eval_every == 0 or epoch + 1 == epochs):
+            metrics["knn_acc"] = knn()
+        frame.end_period(epoch, metrics, images, seconds)

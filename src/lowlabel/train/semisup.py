@@ -8,7 +8,6 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -30,16 +29,9 @@ from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier, fit_linear_head
 from lowlabel.runner.inputs import open_data, open_init_encoder
-from lowlabel.runner.worker import (
-    MetricsLogger,
-    Progress,
-    check_finite,
-    load_state,
-    maybe_inject_fault,
-    print_main,
-    report,
-    setup_worker,
-)
+from lowlabel.runner.job_config import SemisupJob
+from lowlabel.runner.worker import check_finite, maybe_inject_fault, print_main, setup_worker
+from lowlabel.train.loop import StateGroup, TrainingFrame
 from lowlabel.train.optim import build_optimizer
 
 
@@ -58,18 +50,18 @@ def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.devi
 
 
 def semisup_loop(config: dict[str, Any]) -> None:
-    ctx = setup_worker(config)
-    data = open_data(config["data"])
-    method = config["method"]
-    spec = SEMISUP_REGISTRY[method]
-    encoder = build_encoder(config["arch"], data.in_chans, config["width"])
-    init_state = open_init_encoder(config.get("init_encoder"))
+    job = SemisupJob.from_config(config)
+    ctx = setup_worker(job)
+    data = open_data(job.data)
+    spec = SEMISUP_REGISTRY[job.method]
+    encoder = build_encoder(job.arch, data.in_chans, job.width)
+    init_state = open_init_encoder(job.init_encoder)
     if init_state is not None:
         encoder.load_state_dict(init_state)
     model_inner = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
     labeled = np.asarray(data.split.labeled)
     labeled_targets = data.base_label(data.train_labels[labeled])
-    if config.get("head_init", "random") == "linear_probe":
+    if job.head_init == "linear_probe":
         # BN running statistics re-estimated on the labeled images first (a random encoder's are
         # still the init's 0/1, so its eval-mode features would not be the ones training sees);
         # the same features and fit on every worker (deterministic), so the replicas start alike.
@@ -80,7 +72,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     size, channels = data.image_size, data.in_chans
     # runtime.augment: views made per image in the DataLoader (cpu), or per batch in the loop on
     # ctx.device from the uint8 images the DataLoader yields (device; seeded per (seed, chunk, step, rank, view)).
-    on_device = device_augment.resolve_augment(config.get("augment", "cpu"), ctx.device) == "device"
+    on_device = device_augment.resolve_augment(job.augment, ctx.device) == "device"
     unlabeled_ds: ViewsDataset | ImagesDataset | None = None
     # The unlabeled views the method asks for (FixMatch: weak + strong; Mean Teacher, MixMatch:
     # two weak), made by the CPU or the device recipes; only the recipes used are built.
@@ -91,7 +83,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     if on_device:
         device_weak = device_augment.weak_view(size, data.mean, data.std).to(ctx.device)
         device_views = [
-            device_weak if name == "weak" else device_augment.strong_view(size, channels, data.mean, data.std, **config["randaugment"]).to(ctx.device)
+            device_weak if name == "weak" else device_augment.strong_view(size, channels, data.mean, data.std, **job.randaugment).to(ctx.device)
             for name in view_names
         ]
         labeled_ds: ViewsDataset | ImagesDataset = ImagesDataset(data.train_images, labeled, targets=labeled_targets)
@@ -99,60 +91,50 @@ def semisup_loop(config: dict[str, Any]) -> None:
             unlabeled_ds = ImagesDataset(data.train_images, unlabeled, targets=unlabeled_targets, with_position=spec.uses_index)
     else:
         weak = weak_view(size, data.mean, data.std)
-        labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=labeled_targets, seed=config["seed"])
+        labeled_ds = ViewsDataset(data.train_images, labeled, [weak], targets=labeled_targets, seed=job.seed)
         if spec.uses_unlabeled:
             unlabeled_ds = ViewsDataset(
                 data.train_images,
                 unlabeled,
-                [weak if name == "weak" else strong_view(size, channels, data.mean, data.std, **config["randaugment"]) for name in view_names],
+                [weak if name == "weak" else strong_view(size, channels, data.mean, data.std, **job.randaugment) for name in view_names],
                 targets=unlabeled_targets,
-                seed=config["seed"] + 1,
+                seed=job.seed + 1,
                 with_position=spec.uses_index,
             )
 
-    per_worker = config["batch_size"] // ctx.world_size
-    if len(labeled) < config["batch_size"]:
-        print_main(ctx, f"[{config['label']}] {len(labeled)} labeled images < batch {config['batch_size']}: sampling them with replacement, class-balanced")
-    steps, eval_every = config["steps"], config["eval_every"]
-    chunks = math.ceil(steps / eval_every)
+    per_worker = job.batch_size // ctx.world_size
+    if len(labeled) < job.batch_size:
+        print_main(ctx, f"[{job.label}] {len(labeled)} labeled images < batch {job.batch_size}: sampling them with replacement, class-balanced")
+    steps = job.steps
 
     if ctx.channels_last:
         model_inner.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model_inner)
-    optimizer, schedule = build_optimizer(model_inner, steps, **config["optim"])
-    ema = ModelEmaV3(model_inner, decay=config["ema_decay"], use_warmup=True)
-    logger = MetricsLogger(ctx, config)
-    logger.record_placement(ctx)
-    # runtime.augment: auto resolves per device; the run says what it resolved to.
-    logger.tag({"lowlabel.augment": "device" if on_device else "cpu"})
-    method_kwargs = config["method_kwargs"]
+    optimizer, schedule = build_optimizer(model_inner, steps, **job.optim)
+    ema = ModelEmaV3(model_inner, decay=job.ema_decay, use_warmup=True)
+    method_kwargs = dict(job.method_kwargs)
     # Running statistics of the method (aligner, thresholds): passed to the step by name, checkpointed.
     state_kwargs = method_kwargs | ({"num_unlabeled": len(unlabeled)} if spec.uses_index else {})
     method_state = {key: module.to(ctx.device) for key, module in spec.make_state(len(data.split.base_classes), state_kwargs).items()}
     # The EMA model labels the weak view in eval mode (its BN running statistics), never trained.
     teacher = ema.module if method_kwargs.get("teacher") == "ema" else None
 
-    start_chunk, history = 0, []
-    state = load_state(config)
-    if state is not None:
-        model_inner.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        for key, module in method_state.items():
-            module.load_state_dict(state["method_state"][key])
-        start_chunk, history = state["chunk"], state["history"]
-        print_main(ctx, f"[{config['label']}] resumed from the checkpoint at step {min(steps, start_chunk * eval_every)}")
-
-    progress = Progress(config["label"], steps, unit="step", done_at_start=min(steps, start_chunk * eval_every))
-    for chunk in range(start_chunk, chunks):
-        first = chunk * eval_every
-        n_steps = min(eval_every, steps - first)
+    # A period is `eval_every` steps ("chunk"): metrics, an EMA test accuracy, a checkpoint.
+    frame = TrainingFrame(
+        ctx, job, total=steps, unit="step", units_per_period=job.eval_every,
+        stateful={"model": model_inner, "ema": ema.module, "optimizer": optimizer, "method_state": StateGroup(method_state)},
+    )
+    # runtime.augment: auto resolves per device; the run says what it resolved to.
+    frame.logger.tag({"lowlabel.augment": "device" if on_device else "cpu"})
+    for chunk in range(frame.resume(), frame.periods):
+        first = frame.period_units(chunk).start
+        n_steps = len(frame.period_units(chunk))
         labeled_ds.set_epoch(chunk)
         labeled_loader = DataLoader(
             labeled_ds,
             batch_size=per_worker,
-            sampler=BalancedSampler(labeled_ds.targets, n_steps * per_worker, config["seed"], chunk, ctx.rank),
-            num_workers=config["loader_workers"],
+            sampler=BalancedSampler(labeled_ds.targets, n_steps * per_worker, job.seed, chunk, ctx.rank),
+            num_workers=job.loader_workers,
         )
         loaders: list[DataLoader] = [labeled_loader]
         if unlabeled_ds is not None:
@@ -162,23 +144,23 @@ def semisup_loop(config: dict[str, Any]) -> None:
                 DataLoader(
                     unlabeled_ds,
                     batch_size=mu_batch,
-                    sampler=ShardedCycleSampler(len(unlabeled_ds), n_steps * mu_batch, ctx.rank, ctx.world_size, config["seed"], chunk),
-                    num_workers=config["loader_workers"],
+                    sampler=ShardedCycleSampler(len(unlabeled_ds), n_steps * mu_batch, ctx.rank, ctx.world_size, job.seed, chunk),
+                    num_workers=job.loader_workers,
                 )
             )
         model.train()
         sums: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         for i, batches in enumerate(zip(*loaders)):
-            maybe_inject_fault(config, ctx, chunk + 1, i)  # test hook; chunks play the role of epochs
+            maybe_inject_fault(job, ctx, chunk + 1, i)  # test hook; chunks play the role of epochs
             if on_device:  # the CPU path's streams: labeled (seed), unlabeled view k (seed + 1, k)
                 images, labels = batches[0]
-                seed = device_augment.batch_seed(config["seed"], chunk, i, ctx.rank, 0)
+                seed = device_augment.batch_seed(job.seed, chunk, i, ctx.rank, 0)
                 views: list[tuple[torch.Tensor, ...]] = [(device_weak(images.to(ctx.device, non_blocking=True), seed), labels)]
                 if unlabeled_ds is not None:
                     images, *rest = batches[1]
                     images = images.to(ctx.device, non_blocking=True)
-                    seeds = [device_augment.batch_seed(config["seed"] + 1, chunk, i, ctx.rank, k) for k in range(len(device_views))]
+                    seeds = [device_augment.batch_seed(job.seed + 1, chunk, i, ctx.rank, k) for k in range(len(device_views))]
                     views.append((*(view(images, s) for view, s in zip(device_views, seeds)), *rest))
                 batches = tuple(views)
             x, y = ctx.to_device(batches[0][0]), batches[0][1].to(ctx.device)
@@ -191,7 +173,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
             with ctx.autocast():
                 out = spec.step(model, x, y, **kwargs)
             check_finite(out["loss"], chunk + 1, first + i)
-            ctx.optimizer_step(out["loss"], optimizer, model_inner.parameters(), config.get("grad_clip"))
+            ctx.optimizer_step(out["loss"], optimizer, model_inner.parameters(), job.grad_clip)
             schedule.step_update(first + i + 1)
             ema.update(model_inner, step=first + i)
             for key, value in out.items():
@@ -203,16 +185,4 @@ def semisup_loop(config: dict[str, Any]) -> None:
         if ctx.is_main:
             metrics["test_acc"] = test_accuracy(model_inner, data, ctx.device, ctx.channels_last)
             metrics["test_acc_ema"] = test_accuracy(ema.module, data, ctx.device, ctx.channels_last)
-        done = first + n_steps
-        history.append({"step": done, **metrics})
-        logger.log(metrics, step=done)
-        print_main(ctx, progress.line(done, images, seconds, metrics))
-        state = {
-            "model": model_inner.state_dict(),
-            "ema": ema.module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "method_state": {key: module.state_dict() for key, module in method_state.items()},
-            "chunk": chunk + 1,
-            "history": history,
-        }
-        report(ctx, {"step": done, **metrics}, state if ctx.is_main else None)
+        frame.end_period(chunk, metrics, images, seconds)
