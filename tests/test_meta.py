@@ -356,3 +356,84 @@ def test_reptile_adapt_minibatches_and_support_only():
     mb2 = reptile_adapt(model, phi, e.support_x, e.support_y, 3, 0.1, loss_fn=F.mse_loss, batch_size=2, generator=g2)
     assert all(torch.equal(mb1[n], mb2[n]) and not p.requires_grad for n, p in mb1.items())
     assert not torch.equal(mb1["weight"], full["weight"])
+
+
+# ---- the meta-training loop's methods (lowlabel.meta.registry) ---------------------------------
+
+
+def _tiny_encoder() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _episode(seed: int, ways: int = 3, shots: int = 2, queries: int = 2):
+    from lowlabel.meta import EpisodicBatch
+
+    g = torch.Generator().manual_seed(seed)
+    return EpisodicBatch(
+        torch.randn(ways * shots, 1, 6, 6, generator=g, dtype=torch.float64),
+        torch.arange(ways).repeat_interleave(shots),
+        torch.randn(ways * queries, 1, 6, 6, generator=g, dtype=torch.float64),
+        torch.arange(ways).repeat_interleave(queries),
+        ways,
+        shots,
+    )
+
+
+def test_registry_names_every_config_meta_method():
+    from lowlabel.config import META_METHODS
+    from lowlabel.meta.registry import META_METHODS as REGISTRY
+
+    assert tuple(REGISTRY) == META_METHODS
+
+
+@pytest.mark.parametrize("name", ["protonet", "matchingnet", "relationnet", "maml"])
+def test_meta_gradients_are_the_gradient_of_the_mean_episode_loss(name):
+    from lowlabel.meta.registry import META_METHODS
+
+    torch.manual_seed(0)
+    settings = {"maml": {"inner_steps": 1, "inner_lr": 0.1}}.get(name, {})
+    method = META_METHODS[name](_tiny_encoder(), 3, 3, **settings).double()
+    episodes = [_episode(1), _episode(2)]
+    loss = method.meta_gradients(episodes)
+    got = {n: p.grad.clone() for n, p in method.named_parameters()}
+    method.zero_grad()
+    if name == "maml":
+        losses = [method.maml.meta_loss(e) for e in episodes]
+    else:
+        losses = [method.learner.loss(e) for e in episodes]
+    expected_loss = (losses[0] + losses[1]) / 2
+    expected_loss.backward()
+    assert torch.allclose(loss, expected_loss.detach())
+    for n, p in method.named_parameters():
+        assert torch.allclose(got[n], p.grad), n
+
+
+def test_reptile_method_gradient_is_phi_minus_mean_adapted_weights_and_sgd_takes_the_outer_step():
+    from lowlabel.meta import ReptileMethod, reptile_adapt
+
+    torch.manual_seed(0)
+    method = ReptileMethod(_tiny_encoder(), 3, 3, inner_steps=2, inner_lr=0.1, outer_lr=0.5, use_query=False).double()
+    episodes = [_episode(1), _episode(2)]
+    phi = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    method.meta_gradients(episodes)
+    adapted = [reptile_adapt(method.model, phi, e.support_x, e.support_y, 2, 0.1) for e in episodes]
+    for n, p in method.model.named_parameters():
+        assert torch.allclose(p.grad, phi[n] - (adapted[0][n] + adapted[1][n]) / 2), n
+    assert method.outer_optimizer() == {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
+    optimizer.step()
+    for n, p in method.model.named_parameters():
+        assert torch.allclose(p, phi[n] + 0.5 * ((adapted[0][n] + adapted[1][n]) / 2 - phi[n])), n
+
+
+@pytest.mark.parametrize("name", ["maml", "reptile"])
+def test_test_time_adaptation_leaves_the_trained_state_unchanged(name):
+    from lowlabel.meta.registry import META_METHODS
+
+    torch.manual_seed(0)
+    method = META_METHODS[name](_tiny_encoder(), 3, 3, test_inner_steps=3).double().train()
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    scores = method.scores(_episode(3))
+    assert scores.shape == (6, 3) and torch.isfinite(scores).all()
+    after = method.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

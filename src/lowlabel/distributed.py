@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -75,3 +76,31 @@ def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
     """Shuffle-BN, step 2: gather the shuffled outputs and give each worker back its own, in order."""
     gathered = gather_no_grad(x)
     return gathered[unshuffle.view(world_size(), -1)[rank()]]
+
+
+@torch.no_grad()
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` over workers in place (no-op on one process), for meta-gradients
+    computed outside DDP. A missing ``.grad`` counts as zero, so every worker joins every
+    collective in the same order."""
+    world = world_size()
+    if world == 1:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average every floating-point buffer (BatchNorm running statistics) over workers in place
+    (no-op on one process): replicas trained without DDP each see their own batches."""
+    world = world_size()
+    if world == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world

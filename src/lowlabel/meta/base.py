@@ -10,14 +10,18 @@ and ``learner.loss_from_scores`` (the forward goes through DDP when the learner 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowlabel.distributed import average_gradients
 from lowlabel.meta.episodes import EpisodicBatch
 
-__all__ = ["EpisodicLearner"]
+__all__ = ["EpisodicLearner", "MetaMethod", "MetricMetaMethod", "preserved_buffers"]
 
 
 class EpisodicLearner(nn.Module, ABC):
@@ -50,3 +54,64 @@ class EpisodicLearner(nn.Module, ABC):
 
     def loss(self, batch: EpisodicBatch) -> torch.Tensor:
         return self.loss_from_scores(self(batch), batch.query_y)
+
+
+class MetaMethod(nn.Module, ABC):
+    """What the meta-training loop trains, one class per method (registry: lowlabel.meta.registry).
+
+    ``encoder`` is the part handed to the next stage; the rest (a head, a relation module,
+    inner learning rates) is the method's and is stored beside it. Distributed training is
+    explicit: :meth:`meta_gradients` leaves in every parameter's ``.grad`` the meta-gradient
+    averaged over all workers' episodes (each worker passes as many), so every worker's
+    optimizer takes the same step from the same weights — no DDP wrapper, whose gradient
+    hooks an inner loop would fire (see lowlabel.meta.maml).
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    @abstractmethod
+    def meta_gradients(self, episodes: list[EpisodicBatch]) -> torch.Tensor:
+        """Fill ``.grad`` with the meta-gradient of these episodes (averaged over workers);
+        returns this worker's mean training loss, detached."""
+
+    @abstractmethod
+    def scores(self, episode: EpisodicBatch) -> torch.Tensor:
+        """Test time: (Q, ways) scores of the query images after whatever the method does with
+        the support set (argmax = prediction)."""
+
+    def outer_optimizer(self) -> dict[str, Any] | None:
+        """Settings that replace ``meta.optim``'s for the outer update, or None (most methods)."""
+        return None
+
+
+@contextmanager
+def preserved_buffers(module: nn.Module) -> Iterator[None]:
+    """Run a train-mode forward (MAML's transductive batch statistics) without leaving its
+    BatchNorm running statistics changed: evaluation must not alter the trained state."""
+    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(saved[name])
+
+
+class MetricMetaMethod(MetaMethod):
+    """A metric learner (:class:`EpisodicLearner`) trained on the mean loss of its episodes."""
+
+    def __init__(self, learner: EpisodicLearner) -> None:
+        super().__init__(learner.encoder)
+        self.learner = learner
+
+    def meta_gradients(self, episodes: list[EpisodicBatch]) -> torch.Tensor:
+        loss = torch.stack([self.learner.loss(e) for e in episodes]).mean()
+        loss.backward()
+        average_gradients(self.parameters())
+        return loss.detach()
+
+    @torch.no_grad()
+    def scores(self, episode: EpisodicBatch) -> torch.Tensor:
+        return self.learner(episode)

@@ -47,18 +47,18 @@ step (one DDP forward/backward pair each, or one ``average_gradients``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lowlabel.distributed import world_size
+from lowlabel.distributed import average_gradients
+from lowlabel.meta.base import MetaMethod, preserved_buffers
 from lowlabel.meta.episodes import EpisodicBatch
 
-__all__ = ["MAML", "LossFn", "adapt", "average_gradients", "meta_batch_loss", "meta_loss"]
+__all__ = ["MAML", "LossFn", "MAMLMethod", "adapt", "average_gradients", "meta_batch_loss", "meta_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 InnerLr = float | Mapping[str, torch.Tensor]
@@ -130,21 +130,6 @@ def meta_batch_loss(model: nn.Module, episodes: Sequence[EpisodicBatch], **kwarg
     if not episodes:
         raise ValueError("a meta-batch needs at least one episode")
     return torch.stack([meta_loss(model, e, **kwargs) for e in episodes]).mean()  # type: ignore[arg-type]
-
-
-@torch.no_grad()
-def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
-    """Average ``.grad`` over workers in place (no-op on one process), for meta-gradients
-    computed outside DDP. A missing ``.grad`` counts as zero, so every worker joins every
-    collective in the same order."""
-    world = world_size()
-    if world == 1:
-        return
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
 
 
 def _lr_key(name: str) -> str:
@@ -222,3 +207,35 @@ class MAML(nn.Module):
     def meta_loss(self, episode: EpisodicBatch) -> torch.Tensor:
         """Query loss of one episode (not through DDP: use ``loss_fn(ddp(...), query_y)`` there)."""
         return self.loss_fn(self(episode.support_x, episode.support_y, episode.query_x), episode.query_y)
+
+
+class MAMLMethod(MetaMethod):
+    """``meta@maml``: the encoder and a ``ways``-output linear head, meta-trained by MAML
+    (second order unless ``first_order``; Meta-SGD rates with ``learn_lrs``). At test time the
+    whole network adapts on the support set for ``test_inner_steps`` steps, in train mode
+    (Finn et al.'s transductive batch statistics), leaving the trained state unchanged."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        ways: int,
+        inner_steps: int = 5,
+        inner_lr: float = 0.4,
+        first_order: bool = False,
+        learn_lrs: bool = False,
+        test_inner_steps: int = 10,
+    ) -> None:
+        super().__init__(encoder)
+        self.maml = MAML(nn.Sequential(encoder, nn.Linear(feature_dim, ways)), inner_steps, inner_lr, first_order=first_order, learn_lrs=learn_lrs)
+        self.test_inner_steps = test_inner_steps
+
+    def meta_gradients(self, episodes: list[EpisodicBatch]) -> torch.Tensor:
+        loss = torch.stack([self.maml.meta_loss(e) for e in episodes]).mean()
+        loss.backward()
+        average_gradients(self.parameters())
+        return loss.detach()
+
+    def scores(self, episode: EpisodicBatch) -> torch.Tensor:
+        with preserved_buffers(self):
+            return self.maml.predict(episode.support_x, episode.support_y, episode.query_x, self.test_inner_steps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowlabel.meta.base import EpisodicLearner
+from lowlabel.meta.base import EpisodicLearner, MetricMetaMethod
 
 __all__ = ["MatchingNetLearner", "matching_attention", "matchingnet_log_probs", "matchingnet_loss"]
 
@@ -70,3 +70,10 @@ class MatchingNetLearner(EpisodicLearner):
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
         return matchingnet_log_probs(support, support_labels, query, n_way, self.temperature)
+
+
+class MatchingNet(MetricMetaMethod):
+    """``meta@matchingnet``: episodic training under the matching head (no full-context embeddings)."""
+
+    def __init__(self, encoder: torch.nn.Module, feature_dim: int, ways: int, temperature: float = 1.0) -> None:
+        super().__init__(MatchingNetLearner(encoder, temperature))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowlabel.meta.base import EpisodicLearner
+from lowlabel.meta.base import EpisodicLearner, MetricMetaMethod
 
 __all__ = ["ProtoNetLearner", "class_prototypes", "protonet_logits", "protonet_loss"]
 
@@ -51,3 +51,10 @@ class ProtoNetLearner(EpisodicLearner):
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
     ) -> torch.Tensor:
         return protonet_logits(support, support_labels, query, n_way)
+
+
+class ProtoNet(MetricMetaMethod):
+    """``meta@protonet``: episodic training of the encoder under the prototypical head."""
+
+    def __init__(self, encoder: torch.nn.Module, feature_dim: int, ways: int) -> None:
+        super().__init__(ProtoNetLearner(encoder))

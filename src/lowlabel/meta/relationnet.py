@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.meta.base import EpisodicLearner
+from lowlabel.meta.base import EpisodicLearner, MetricMetaMethod
 
 __all__ = ["RelationMLP", "RelationModule", "RelationNetLearner", "relation_loss", "relation_scores"]
 
@@ -114,3 +114,11 @@ class RelationNetLearner(EpisodicLearner):
 
     def loss_from_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
         return relation_loss(scores, query_labels)
+
+
+class RelationNet(MetricMetaMethod):
+    """``meta@relationnet``: the encoder and a relation MLP on its feature vectors, trained
+    together (the relation module is the method's test-time head, stored with the encoder)."""
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, ways: int, hidden: int = 8, reduce: Literal["sum", "mean"] = "sum") -> None:
+        super().__init__(RelationNetLearner(encoder, RelationMLP(feature_dim, hidden), reduce))

@@ -32,10 +32,11 @@ from torch import nn
 from torch.func import functional_call
 
 from lowlabel.distributed import world_size
+from lowlabel.meta.base import MetaMethod, preserved_buffers
 from lowlabel.meta.episodes import EpisodicBatch
 from lowlabel.meta.maml import LossFn
 
-__all__ = ["reptile_adapt", "reptile_delta", "reptile_set_grads", "reptile_step"]
+__all__ = ["ReptileMethod", "reptile_adapt", "reptile_delta", "reptile_set_grads", "reptile_step"]
 
 
 def reptile_adapt(
@@ -140,3 +141,43 @@ def reptile_set_grads(
     for n, p in model.named_parameters():
         p.grad = -delta[n].clone()
     return delta
+
+
+class ReptileMethod(MetaMethod):
+    """``meta@reptile``: the encoder and a ``ways``-output linear head; each worker adapts a copy
+    to each of its episodes by ``inner_steps`` SGD steps and the outer update moves the weights
+    by ``outer_lr`` times the mean of (W - phi) over every worker's episodes (SGD with no
+    momentum on the gradient ``phi - mean W``, so meta.optim's schedule anneals epsilon).
+    At test time the network adapts on the support set for ``test_inner_steps`` steps."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        ways: int,
+        inner_steps: int = 5,
+        inner_lr: float = 0.05,
+        outer_lr: float = 1.0,
+        use_query: bool = True,
+        test_inner_steps: int = 10,
+    ) -> None:
+        super().__init__(encoder)
+        self.model = nn.Sequential(encoder, nn.Linear(feature_dim, ways))
+        self.inner_steps, self.inner_lr, self.outer_lr = inner_steps, inner_lr, outer_lr
+        self.use_query, self.test_inner_steps = use_query, test_inner_steps
+
+    def meta_gradients(self, episodes: list[EpisodicBatch]) -> torch.Tensor:
+        with torch.no_grad(), preserved_buffers(self):  # the loss before adaptation, for the record
+            loss = torch.stack([F.cross_entropy(self.model(e.query_x), e.query_y) for e in episodes]).mean()
+        reptile_set_grads(self.model, episodes, self.inner_steps, self.inner_lr, use_query=self.use_query)
+        return loss
+
+    def outer_optimizer(self) -> dict[str, object]:
+        return {"optimizer": "sgd", "lr": self.outer_lr, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+
+    @torch.no_grad()
+    def scores(self, episode: EpisodicBatch) -> torch.Tensor:
+        with preserved_buffers(self):
+            phi = dict(self.model.named_parameters())
+            adapted = reptile_adapt(self.model, phi, episode.support_x, episode.support_y, self.test_inner_steps, self.inner_lr)
+            return functional_call(self.model, adapted, (episode.query_x,))
