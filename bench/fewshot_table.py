@@ -6,7 +6,7 @@ A work directory is one where `dvc repro` ran (`bench/pipeline_e2e.py --workdir 
 its params.yaml, data/prepared/ and models/**/encoder.pt. Every encoder found there, plus the
 random init the training stages started from, is evaluated the way the fewshot stage does it
 (the same code: pool embedded once per encoder, the same seeded episodes for every encoder) with
-every head — protonet, linear (Baseline), cosine (Baseline++), knn, and with --finetune the
+every head — protonet, linear (Baseline), cosine (Baseline++), knn, matchingnet, and with --finetune the
 slow head that fine-tunes the last encoder block — in 5-way and 20-way (when the dataset has
 >= 20 novel classes), 1- and 5-shot, 600 episodes each. Prints one table per dataset (rows:
 encoders; columns: head x setting; cells: accuracy ± 95% CI in percent), the feature
@@ -29,17 +29,18 @@ sys.path.insert(0, str(REPO / "src"))
 
 from lowlabel.config import FEWSHOT_HEADS, Params, load_params, parse_params
 from lowlabel.data.prepared import PreparedData
-from lowlabel.models.store import ENCODER_FILE, load_encoder
-from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR
-from lowlabel.stages.fewshot import (
+from lowlabel.fewshot.protocol import (
     FINETUNE,
     RANDOM,
+    FewShotProtocol,
     embed_novel_pool,
     evaluate_head,
     plan_episodes,
     random_encoder,
     setting_name,
 )
+from lowlabel.models.store import ENCODER_FILE, load_encoder
+from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR
 
 CACHED_HEADS = [h for h in FEWSHOT_HEADS if h != FINETUNE]  # the heads that run on cached embeddings
 PROTOCOL_EPISODES = 600
@@ -118,7 +119,8 @@ def evaluate_workdir(workdir: Path, args: argparse.Namespace, tables: dict[str, 
     labels = data.novel_pool_labels()
     name = dataset_name(params)
     table = tables.setdefault(name, DatasetTable(name, heads=heads_of(args)))
-    plans = plan_episodes(params, labels)  # prints the ways it skips
+    protocol = FewShotProtocol.from_params(params)
+    plans = plan_episodes(protocol, labels)  # prints the ways it skips
     table.settings += [s for s in (setting_name(w, k) for w, k in plans) if s not in table.settings]
     table.workdirs[str(workdir)] = {
         "feature_norm": params.fewshot.feature_norm,
@@ -140,16 +142,19 @@ def evaluate_workdir(workdir: Path, args: argparse.Namespace, tables: dict[str, 
     print(f"feature normalisation: {params.fewshot.feature_norm} ({origin})"
           + (f"; finetune: {tuned} the tuned block's output" if args.finetune else ""))
     for encoder_name, path in find_encoders(workdir, params).items():
-        encoder = random_encoder(params, data.in_chans) if path is None else load_encoder(path)[0]
+        if path is None:
+            encoder = random_encoder(params.encoder.arch, data.in_chans, params.encoder.width, params.seed)
+        else:
+            encoder = load_encoder(path)[0]
         started = time.perf_counter()
-        pool = embed_novel_pool(params, encoder, data)
+        pool = embed_novel_pool(protocol, encoder, data)
         embed_s = time.perf_counter() - started
         row = f"{workdir.name}/{encoder_name}" if len(args.workdirs) > 1 else encoder_name
         cells = table.rows.setdefault(row, {})
         for (n_way, k_shot), episodes in plans.items():
             for head in params.fewshot.heads:
                 started = time.perf_counter()
-                result = evaluate_head(params, pool, labels, episodes, head)
+                result = evaluate_head(protocol, pool, labels, episodes, head)
                 table.episode_seconds[head] = table.episode_seconds.get(head, 0.0) + time.perf_counter() - started
                 table.episodes_run[head] = table.episodes_run.get(head, 0) + len(episodes)
                 cells[f"{head}/{setting_name(n_way, k_shot)}"] = {"acc": 100 * result.accuracy, "ci95": 100 * result.ci95}
@@ -199,7 +204,7 @@ def main() -> int:
         print("\nepisode wall time per head (all encoders and settings, features cached):")
         for head in table.heads:
             seconds, runs = table.episode_seconds.get(head, 0.0), table.episodes_run.get(head, 0)
-            print(f"  {head:<9} {seconds:8.2f} s for {runs:6d} episodes = {1000 * seconds / max(runs, 1):7.2f} s per 1000")
+            print(f"  {head:<11} {seconds:8.2f} s for {runs:6d} episodes = {1000 * seconds / max(runs, 1):7.2f} s per 1000")
     write_outputs(tables, args.out or args.workdirs[0] / "fewshot_table", args)
     return 0
 

@@ -35,13 +35,12 @@ from lowlabel.env import configure_quiet_env
 configure_quiet_env()
 
 from lowlabel.config import load_params
-from lowlabel.data.augment import eval_view
 from lowlabel.data.prepared import PreparedData, write_prepared
-from lowlabel.evaluation import extract_features, knn_accuracy, knn_split, linear_probe_accuracy
+from lowlabel.evaluation import knn_split
+from lowlabel.fewshot.protocol import KNN_BANK_SIZE, FewShotProtocol, base_accuracies, random_encoder
 from lowlabel.models.heads import Classifier
 from lowlabel.models.store import load_encoder
 from lowlabel.runner.jobs import common_config, run_job, semisup_job
-from lowlabel.stages.fewshot import random_encoder
 from lowlabel.train.semisup import semisup_loop
 
 
@@ -68,29 +67,27 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.workdir / "params.yaml")
     data = PreparedData.load(args.workdir / "data" / "prepared")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    encoders: dict[str, torch.nn.Module] = {"random init": random_encoder(params, data.in_chans)}
+    def fresh_encoder() -> torch.nn.Module:  # the training stages' initial weights
+        return random_encoder(params.encoder.arch, data.in_chans, params.encoder.width, params.seed)
+
+    encoders: dict[str, torch.nn.Module] = {"random init": fresh_encoder()}
     for path in sorted((args.workdir / "models").glob("*/*/encoder.pt")):
         encoders[f"{path.parent.parent.name}/{path.parent.name}"] = load_encoder(path)[0]
     if not args.no_ceiling:
         started = time.perf_counter()
-        ceiling = random_encoder(params, data.in_chans)
+        ceiling = fresh_encoder()
         ceiling.load_state_dict(train_ceiling(params, data, args.ceiling_steps, Path(tempfile.mkdtemp(prefix="lowlabel-ceiling-"))))
         encoders[f"ceiling: supervised, all {len(data.split.pretrain)} base labels"] = ceiling.eval()
         print(f"ceiling trained for {args.ceiling_steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
 
-    view = eval_view(data.mean, data.std)
-    bank_idx, test_idx = knn_split(data, None, params.seed)
-    train_y, test_y = torch.from_numpy(data.train_labels[bank_idx]), torch.from_numpy(data.test_labels[test_idx])
+    protocol = FewShotProtocol.from_params(params)
+    bank_idx, test_idx = knn_split(data, KNN_BANK_SIZE, protocol.seed)
     rows = []
     for name, encoder in encoders.items():
         started = time.perf_counter()
-        encoder = encoder.to(device, memory_format=torch.channels_last)
-        train_x = extract_features(encoder, data.train_images, bank_idx, view, device=device, channels_last=True)
-        test_x = extract_features(encoder, data.test_images, test_idx, view, device=device, channels_last=True)
-        knn = knn_accuracy(train_x, train_y, test_x, test_y, k=params.fewshot.knn_k)
-        probe = linear_probe_accuracy(train_x, train_y, test_x, test_y)
+        scores = base_accuracies(protocol, encoder, data)  # the fewshot stage's base_knn_acc and base_linear_acc
+        knn, probe = scores["base_knn_acc"], scores["base_linear_acc"]
         rows.append({"encoder": name, "knn": knn, "linear_probe": probe, "seconds": time.perf_counter() - started})
         print(f"{name}: kNN {knn:.4f} linear {probe:.4f}", flush=True)
 

@@ -14,6 +14,7 @@ from lowlabel.fewshot import (
     Episode,
     EpisodeError,
     LinearProbe,
+    MatchingNet,
     ProtoNet,
     build_head,
     confidence_interval95,
@@ -145,8 +146,10 @@ def _accuracy(preds: torch.Tensor, episodes: list[Episode]) -> float:
         CosineClassifier(),
         KNN(k=1),
         KNN(k=3),
+        MatchingNet(),
+        MatchingNet(temperature=0.05),
     ],
-    ids=["proto-euclid", "proto-cos", "linear", "cosine", "knn1", "knn3"],
+    ids=["proto-euclid", "proto-cos", "linear", "cosine", "knn1", "knn3", "matching", "matching-t0.05"],
 )
 def test_heads_separable_clusters(head) -> None:
     labels = _pool()
@@ -196,8 +199,9 @@ def test_protonet_logits_are_negative_squared_distances() -> None:
         lambda: ProtoNet(),
         lambda: ProtoNet("cosine"),
         lambda: KNN(k=3),
+        lambda: MatchingNet(temperature=0.2),
     ],
-    ids=["linear", "cosine", "cosine-fixed", "proto", "proto-cos", "knn3"],
+    ids=["linear", "cosine", "cosine-fixed", "proto", "proto-cos", "knn3", "matching"],
 )
 def test_batched_equals_per_episode(make) -> None:
     torch.manual_seed(0)
@@ -261,12 +265,59 @@ def test_knn_votes_and_tie_rule() -> None:
     assert logits4.floor().tolist() == [[2.0, 2.0]] and logits4.argmax().item() == 1
 
 
+def test_matchingnet_matches_hand_computation() -> None:
+    """log P(y=k|x) = log sum_{i: y_i=k} softmax_i(cos(x, s_i) / T), worked out by hand in float64."""
+    support = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[2.0, 1.0], [1.0, -0.2]], dtype=torch.float64)
+    t = 0.5
+    expected = []
+    for qx, qy in query.tolist():
+        norm = math.hypot(qx, qy)
+        cos = [qx / norm, qy / norm, (qx + qy) / (norm * math.sqrt(2.0))]
+        w = [math.exp(c / t) for c in cos]
+        expected.append([math.log(w[0] / sum(w)), math.log((w[1] + w[2]) / sum(w))])
+    expected_t = torch.tensor(expected, dtype=torch.float64)
+    head = MatchingNet(temperature=t).fit(support, labels, 2)
+    torch.testing.assert_close(head.logits(query), expected_t, rtol=1e-12, atol=1e-12)
+    batched = MatchingNet(temperature=t).fit_logits_batched(support[None], labels[None], query[None], 2)
+    torch.testing.assert_close(batched[0], expected_t, rtol=1e-12, atol=1e-12)
+    # The hand numbers pick class 1 for the first query (two support images near it), 0 for the second.
+    assert head.predict(query).tolist() == [1, 0]
+
+
+def test_matchingnet_head_equals_meta_learner_head() -> None:
+    """Same values as lowlabel.meta's MatchingNet log-probabilities, episode by episode; a way
+    without support gets -inf; a tiny temperature stays finite (no exp underflow to log 0)."""
+    from lowlabel.meta.matchingnet import matchingnet_log_probs
+
+    gen = torch.Generator().manual_seed(0)
+    support = torch.randn(6, 10, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (6, 10), generator=gen)
+    labels[:, :4] = torch.arange(4)  # every way has support
+    query = torch.randn(6, 7, 8, generator=gen, dtype=torch.float64)
+    for t in (1.0, 0.3, 1e-3):
+        batched = MatchingNet(temperature=t).fit_logits_batched(support, labels, query, 4)
+        reference = torch.stack([matchingnet_log_probs(s, y, q, 4, t) for s, y, q in zip(support, labels, query)])
+        assert bool(torch.isfinite(batched).all())
+        torch.testing.assert_close(batched, reference, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(batched.exp().sum(-1), torch.ones(6, 7, dtype=torch.float64))
+    missing = MatchingNet().fit(support[0], torch.zeros(10, dtype=torch.long), 2).logits(query[0])
+    assert bool((missing[:, 1] == float("-inf")).all())  # and all of the mass on way 0: log 1
+    torch.testing.assert_close(missing[:, 0], torch.zeros(7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="temperature"):
+        MatchingNet(temperature=0.0)
+    with pytest.raises(ValueError, match="support_labels"):
+        MatchingNet().fit(support[0], labels[0], 3)
+
+
 def test_build_head() -> None:
     assert isinstance(build_head("protonet", distance="cosine"), ProtoNet)
     assert isinstance(build_head("linear", steps=3), LinearProbe)
     assert isinstance(build_head("cosine"), CosineClassifier)
     assert isinstance(build_head("knn", k=2), KNN)
-    with pytest.raises(ValueError, match="cosine, knn, linear, protonet"):
+    assert isinstance(build_head("matchingnet", temperature=0.5), MatchingNet)
+    with pytest.raises(ValueError, match="cosine, knn, linear, matchingnet, protonet"):
         build_head("svm")
 
 
@@ -282,7 +333,7 @@ def test_confidence_interval_formula() -> None:
     assert math.isnan(confidence_interval95(np.array([0.5])))
 
 
-@pytest.mark.parametrize("head", ["protonet", "linear", "cosine", "knn"])
+@pytest.mark.parametrize("head", ["protonet", "linear", "cosine", "knn", "matchingnet"])
 def test_evaluate_separable_is_perfect(head: str) -> None:
     labels = _pool()
     feats = _clusters(labels)
@@ -339,7 +390,7 @@ def test_normalize_features_modes() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("head", ["protonet", "linear", "cosine", "knn"])
+@pytest.mark.parametrize("head", ["protonet", "linear", "cosine", "knn", "matchingnet"])
 def test_evaluate_on_cuda_matches_cpu(head: str) -> None:
     torch.manual_seed(0)
     labels = _pool()

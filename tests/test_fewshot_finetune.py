@@ -20,8 +20,16 @@ from lowlabel.fewshot import (
     sample_episodes,
     split_last_block,
 )
+from lowlabel.fewshot.protocol import (
+    FewShotProtocol,
+    ProtocolError,
+    embed_novel_pool,
+    evaluate_encoder,
+    evaluate_head,
+    plan_episodes,
+    random_encoder,
+)
 from lowlabel.models.encoders import Conv4, build_encoder
-from lowlabel.stages import fewshot as stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -285,26 +293,27 @@ def test_stage_pool_and_heads_with_finetune() -> None:
     params = parse_params(
         {
             "encoder": {"width": 16},
-            "fewshot": {"ways": [3], "shots": [1], "queries": 2, "episodes": 4, "heads": ["protonet", "finetune"], "finetune": {"steps": 3}},
+            "fewshot": {"ways": [3], "shots": [1], "queries": 2, "episodes": 4, "heads": ["protonet", "matchingnet", "finetune"], "finetune": {"steps": 3}},
         }
     )
+    protocol = FewShotProtocol.from_params(params)
     data = _tiny_prepared()
     labels = data.novel_pool_labels()
-    plans = stage.plan_episodes(params, labels)
-    encoder = stage.random_encoder(params, data.in_chans)
-    pool = stage.embed_novel_pool(params, encoder, data)
+    plans = plan_episodes(protocol, labels)
+    encoder = random_encoder(params.encoder.arch, data.in_chans, params.encoder.width, params.seed)
+    pool = embed_novel_pool(protocol, encoder, data)
     assert pool.split is not None and pool.block_inputs is not None
     assert pool.embeddings.shape == (len(labels), 16) and pool.block_inputs.shape[0] == len(labels)
-    assert stage.head_kwargs(params, "finetune") == {"steps": 3, "lr": 0.01, "block_lr": 1e-4, "weight_decay": 1e-3, "l2_normalize": True, "seed": 0}
-    scores = stage.evaluate_encoder(params, encoder, data, plans, labels)
-    assert set(scores) == {"base_knn_acc", "base_linear_acc", "protonet/3w1s", "finetune/3w1s"}
+    assert protocol.head_kwargs("finetune") == {"steps": 3, "lr": 0.01, "block_lr": 1e-4, "weight_decay": 1e-3, "l2_normalize": True, "seed": 0}
+    scores = evaluate_encoder(protocol, encoder, data, plans, labels)
+    assert set(scores) == {"base_knn_acc", "base_linear_acc", "protonet/3w1s", "matchingnet/3w1s", "finetune/3w1s"}
     assert 0 <= scores["base_linear_acc"] <= 1
     # Without the head asked for, nothing is cut and nothing extra cached; asking anyway is an error.
-    plain = stage.embed_novel_pool(params, encoder, data, heads=["protonet"])
+    plain = embed_novel_pool(protocol, encoder, data, heads=["protonet"])
     assert plain.split is None and plain.block_inputs is None
     torch.testing.assert_close(plain.embeddings, pool.embeddings)
-    with pytest.raises(stage.StageError, match="finetune"):
-        stage.evaluate_head(params, plain, labels, plans[(3, 1)], "finetune")
+    with pytest.raises(ProtocolError, match="finetune"):
+        evaluate_head(protocol, plain, labels, plans[(3, 1)], "finetune")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

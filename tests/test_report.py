@@ -7,11 +7,12 @@ from lowlabel.config import parse_params
 
 def test_base_evaluation_has_knn_and_linear_probe(tiny_prepared, one_torch_thread):
     from lowlabel.data.prepared import PreparedData
-    from lowlabel.stages import fewshot as stage
+    from lowlabel.fewshot.protocol import FewShotProtocol, base_accuracies, random_encoder
 
     params = parse_params({"encoder": {"width": 8}, "fewshot": {"knn_k": 5}})
     data = PreparedData.load(tiny_prepared)
-    scores = stage.base_accuracies(params, stage.random_encoder(params, data.in_chans), data)
+    encoder = random_encoder(params.encoder.arch, data.in_chans, params.encoder.width, params.seed)
+    scores = base_accuracies(FewShotProtocol.from_params(params), encoder, data)
     assert set(scores) == {"base_knn_acc", "base_linear_acc"}
     # 4 base classes (chance 0.25); the synthetic classes are bright squares at separate places.
     assert 0.5 < scores["base_linear_acc"] <= 1 and 0.5 < scores["base_knn_acc"] <= 1

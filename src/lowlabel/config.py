@@ -24,7 +24,8 @@ Probability = Annotated[float, Field(gt=0, le=1)]
 PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg", "rotnet")
 SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "flexmatch", "mixmatch", "pseudolabel", "meanteacher", "supervised")
 # finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
-FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "finetune")
+# lowlabel.fewshot.protocol.HEAD_NAMES (the heads registry + finetune) names the same (a test checks).
+FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "matchingnet", "finetune")
 
 
 class ConfigError(UserError, ValueError):
@@ -346,6 +347,13 @@ class FewshotFinetuneConfig(_Section):
     weight_decay: NonNegFloat = 1e-3  # the new classifier only
 
 
+class FewshotMatchingNetConfig(_Section):
+    """The ``matchingnet`` head: softmax over the support set's cosine similarities / temperature."""
+
+    # Vinyals et al. 2016: 1. Training-free, so apart from meta.matchingnet.temperature (meta-training).
+    temperature: PositiveFloat = 1.0
+
+
 class FewshotConfig(_Section):
     ways: list[PositiveInt] = Field(default_factory=lambda: [5])
     shots: list[PositiveInt] = Field(default_factory=lambda: [1, 5])
@@ -356,6 +364,7 @@ class FewshotConfig(_Section):
     distance: Literal["euclidean", "cosine"] = "euclidean"
     knn_k: PositiveInt = 20
     finetune: FewshotFinetuneConfig = FewshotFinetuneConfig()
+    matchingnet: FewshotMatchingNetConfig = FewshotMatchingNetConfig()
 
 
 class Params(_Section):

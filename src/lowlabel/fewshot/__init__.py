@@ -1,5 +1,9 @@
 """Few-shot evaluation of frozen encoders: episode sampling, heads, batched evaluation, and the
-optional head that fine-tunes the encoder's last block."""
+optional head that fine-tunes the encoder's last block.
+
+The evaluation protocol built on them (settings, the novel pool's embeddings, base accuracies)
+is :mod:`lowlabel.fewshot.protocol`, not imported here: it needs the data and model code,
+which :mod:`lowlabel.meta` (importing the sampler from this package) must stay free of."""
 
 from lowlabel.fewshot.evaluate import (
     FewShotResult,
@@ -20,6 +24,7 @@ from lowlabel.fewshot.heads import (
     CosineClassifier,
     FewShotClassifier,
     LinearProbe,
+    MatchingNet,
     ProtoNet,
     build_head,
 )
@@ -37,6 +42,7 @@ __all__ = [
     "FineTuneLastBlock",
     "LastBlockSplit",
     "LinearProbe",
+    "MatchingNet",
     "NormalizeMode",
     "ProtoNet",
     "build_head",

@@ -23,6 +23,7 @@ __all__ = [
     "CosineClassifier",
     "FewShotClassifier",
     "LinearProbe",
+    "MatchingNet",
     "ProtoNet",
     "build_head",
 ]
@@ -448,11 +449,68 @@ class KNN(FewShotClassifier):
         return self._score(support, support_labels, query, n_way)
 
 
+class MatchingNet(FewShotClassifier):
+    """Matching networks (Vinyals et al. 2016) without meta-training: a training-free head.
+
+    A query attends over the support set, ``a(x, x_i) = softmax_i(cos(x, x_i) / temperature)``,
+    and ``P(y=k|x) = sum_{i: y_i = k} a(x, x_i)``. Logits are ``log P(y=k|x)``, the values of
+    :func:`lowlabel.meta.matchingnet.matchingnet_log_probs` (the meta-learner's head, no
+    full-context embeddings) for each episode, computed for E episodes at once with (E,Q,S)
+    intermediates: per class, a log-sum-exp shifted by that class's largest similarity. A way
+    without support samples gets -inf.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.support_: torch.Tensor | None = None
+        self.support_labels_: torch.Tensor | None = None
+        self.n_way_: int = 0
+
+    def _score(
+        self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
+        sims = torch.bmm(F.normalize(query, dim=-1), F.normalize(support, dim=-1).transpose(1, 2))
+        sims = sims / self.temperature  # (E,Q,S)
+        onehot = _one_hot(labels, n_way, sims.dtype)  # (E,S,N); also the label range check
+        e, q, s = sims.shape
+        index = labels.long().unsqueeze(1).expand(e, q, s)
+        # Each class's largest similarity; a class with no support keeps -inf.
+        empty = torch.full((e, q, n_way), float("-inf"), device=sims.device, dtype=sims.dtype)
+        class_max = empty.scatter_reduce(2, index, sims, reduce="amax", include_self=True)
+        shifted = (sims - torch.gather(class_max, 2, index)).exp()  # <= 1, and 1 at each class's max
+        per_class = class_max + torch.bmm(shifted, onehot).log()  # logsumexp over the class's samples
+        return per_class - torch.logsumexp(sims, dim=-1, keepdim=True)
+
+    def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> MatchingNet:
+        if bool((support_labels < 0).any()) or bool((support_labels >= n_way).any()):
+            raise ValueError(f"support_labels must lie in 0..{n_way - 1}")
+        self.support_, self.support_labels_, self.n_way_ = support, support_labels, n_way
+        return self
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        support = _require(self.support_, self)
+        labels = _require(self.support_labels_, self)
+        return self._score(support[None], labels[None], query[None], self.n_way_)[0]
+
+    def fit_logits_batched(
+        self,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        n_way: int,
+    ) -> torch.Tensor:
+        _check_episode_batch(support, support_labels, query, n_way)
+        return self._score(support, support_labels, query, n_way)
+
+
 HEADS: dict[str, Callable[..., FewShotClassifier]] = {
     "protonet": ProtoNet,
     "linear": LinearProbe,
     "cosine": CosineClassifier,
     "knn": KNN,
+    "matchingnet": MatchingNet,
 }
 
 
