@@ -5,7 +5,7 @@ process as a second driver of that cluster: a storage path only A sees is refuse
 training, the shared ("NFS") directory is accepted, and a pretraining job whose worker on B is
 killed mid-epoch resumes from the shared directory and ends with the uninterrupted run's weights.
 Then `ray submit cluster/run_pipeline.py` runs every stage (prepare, pretrain@simclr,
-semisup@fixmatch, fewshot, report) on a tiny config with checkpoints on an S3-compatible server
+semisup@fixmatch, meta@protonet, fewshot, report) on a tiny config with checkpoints on an S3-compatible server
 (moto's, on A's address; the product code only sees AWS_ENDPOINT_URL), each training job with a
 worker on each host; the run is published to the same store; `ray down`, the head's copy of the
 project is deleted (a terminated node), and `./pipeline fetch`'s code brings metrics, report,
@@ -46,7 +46,7 @@ CLUSTER_TINY = merge(TINY, {
     "semisup": {"methods": ["fixmatch"]},
     "runtime": {"workers": 2, "use_gpu": False, "storage_path": "s3://checkpoints/runs", "max_failures": 1},
 })
-STAGES = ["prepare", "pretrain@simclr", "semisup@fixmatch", "fewshot", "report"]
+STAGES = ["prepare", "pretrain@simclr", "semisup@fixmatch", "meta@protonet", "fewshot", "report"]
 
 
 def wait_http(url: str, timeout_s: float = 60) -> None:
@@ -242,7 +242,7 @@ def test_pipeline_submitted_runs_on_both_hosts_and_survives_ray_down(cluster, tm
     print(f"bytes A->B {to_b / 1e6:.1f} MB, B->A {from_b / 1e6:.1f} MB; prepared arrays {prepared / 1e6:.1f} MB; "
           + "; ".join(line for line in proc.stdout.splitlines() if "through the object store" in line))
     cluster["timings"] |= {"MB A->B": round(to_b / 1e6, 1), "MB B->A": round(from_b / 1e6, 1)}
-    assert to_b >= 2 * prepared * 0.9, "two training jobs, each with a worker on B: their inputs must have crossed to B"
+    assert to_b >= 3 * prepared * 0.9, "three training jobs, each with a worker on B: their inputs must have crossed to B"
 
     # Every training job ran a worker on each host (its rank 0 tags the run with the nodes).
     db = hosts.remote_repo / "mlflow.db"
@@ -250,7 +250,7 @@ def test_pipeline_submitted_runs_on_both_hosts_and_survives_ray_down(cluster, tm
         tags = dict(con.execute(
             "SELECT r.name, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'lowlabel.worker_nodes'").fetchall())
         durations = {n: (e - s) / 1000 for n, s, e in con.execute("SELECT name, start_time, end_time FROM runs")}
-    assert set(tags) == {"pretrain@simclr", "semisup@fixmatch"}, tags
+    assert set(tags) == {"pretrain@simclr", "semisup@fixmatch", "meta@protonet"}, tags
     for run, nodes in tags.items():
         assert set(nodes.split(",")) == {hosts.a_ip, hosts.b_ip}, (run, nodes)
     print("stage run wall times (s):", json.dumps(durations))
@@ -276,7 +276,7 @@ def test_pipeline_submitted_runs_on_both_hosts_and_survives_ray_down(cluster, tm
     report = json.loads((laptop / "metrics" / "report.json").read_text())
     assert report["margins"]
     assert (laptop / "reports" / "report.md").is_file()
-    for path in ("models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "metrics/fewshot.json"):
+    for path in ("models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "models/meta/protonet/encoder.pt", "metrics/fewshot.json"):
         assert (laptop / path).is_file(), path
     fetched_db = next((laptop / "cluster-results").glob("*/mlflow.db"))
     from mlflow.tracking import MlflowClient

@@ -28,6 +28,8 @@ TINY = {
     "encoder": {"width": 16},
     "pretrain": {"epochs": 1, "min_steps": 0, "batch_size": 64},
     "semisup": {"steps": 4, "eval_every": 2, "batch_size": 8, "fixmatch": {"mu": 2, "threshold": 0.95, "lambda_u": 1.0}},
+    # Meta from the params.yaml start (fixmatch), on the 2 labels per class: 1 shot + 1 query.
+    "meta": {"episodes_from": "labels", "ways": 3, "shots": 1, "queries": 1, "meta_batch": 2, "steps": 2, "eval_every": 2, "eval_episodes": 10},
     "fewshot": {"episodes": 50, "queries": 5, "shots": [1, 5]},
 }
 
@@ -75,19 +77,23 @@ def project(tmp_path_factory):
 def test_first_repro_runs_every_stage_and_writes_outputs(project):
     root, _, first = project
     ran = ran_stages(first.stdout)
-    assert sorted(ran) == sorted(["source", "prepare", "pretrain@simclr", "pretrain@moco", "semisup@fixmatch", "semisup@supervised", "fewshot", "report"])
+    assert sorted(ran) == sorted(
+        ["source", "prepare", "pretrain@simclr", "pretrain@moco", "semisup@fixmatch", "semisup@supervised", "meta@protonet", "fewshot", "report"]
+    )
     order = {stage: i for i, stage in enumerate(ran)}
     assert order["source"] == 0 and order["prepare"] == 1 and order["report"] == len(ran) - 1
     assert max(order["pretrain@simclr"], order["pretrain@moco"]) < min(order["semisup@fixmatch"], order["semisup@supervised"])
-    for path in ("data/prepared/split.json", "models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "reports/report.md", "reports/fewshot_shots.png"):
+    assert order["semisup@fixmatch"] < order["meta@protonet"] < order["fewshot"]
+    for path in ("data/prepared/split.json", "models/pretrain/simclr/encoder.pt", "models/semisup/fixmatch/encoder.pt", "models/meta/protonet/encoder.pt", "models/meta/protonet/meta_head.pt", "reports/report.md", "reports/fewshot_shots.png"):
         assert (root / path).is_file(), path
     fewshot = json.loads((root / "metrics/fewshot.json").read_text())
-    assert set(fewshot["encoders"]) == {"random", "pretrain/simclr", "pretrain/moco", "semisup/fixmatch", "semisup/supervised"}
+    assert set(fewshot["encoders"]) == {"random", "pretrain/simclr", "pretrain/moco", "semisup/fixmatch", "semisup/supervised", "meta/protonet"}
     for scores in fewshot["encoders"].values():
         for setting in ("protonet/5w1s", "protonet/5w5s"):
             assert 0.0 < scores[setting]["acc"] <= 1.0 and scores[setting]["ci95"] > 0
     report = json.loads((root / "metrics/report.json").read_text())
     assert "knn: pretrain/simclr - random" in report["margins"]
+    assert "protonet/5w5s: meta/protonet - semisup/fixmatch" in report["margins"]
     assert "| random |" in (root / "reports/report.md").read_text()
 
 
@@ -101,10 +107,12 @@ def test_every_mlflow_run_finished_and_linked(project):
     runs = [r for r in runs if r is not parent]
     assert {r.data.tags.get("mlflow.parentRunId") for r in runs} == {parent.info.run_id}
     stages = sorted(r.data.tags["lowlabel.stage"] for r in runs)
-    assert stages == sorted(["prepare", "pretrain", "pretrain", "semisup", "semisup"] + ["fewshot"] * 5 + ["report"])
+    assert stages == sorted(["prepare", "pretrain", "pretrain", "semisup", "semisup", "meta"] + ["fewshot"] * 6 + ["report"])
     pretrain = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "pretrain@simclr")
     fixmatch = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "semisup@fixmatch")
     assert fixmatch.data.tags["lowlabel.init_run_id"] == pretrain.info.run_id
+    meta = next(r for r in runs if r.data.tags.get("lowlabel.dvc_stage") == "meta@protonet")
+    assert meta.data.tags["lowlabel.init_run_id"] == fixmatch.info.run_id and "val_acc" in meta.data.metrics
     assert "knn_acc" in pretrain.data.metrics
     # MLflow 3 keeps models as LoggedModel entities linked to their source run.
     models = client.search_logged_models([pretrain.info.experiment_id], filter_string=f"source_run_id = '{pretrain.info.run_id}'")
@@ -115,7 +123,7 @@ def test_every_mlflow_run_finished_and_linked(project):
     assert any(k.startswith("report/") for k in parent.data.metrics)
     assert parent.data.params["pretrain.epochs"] == "1"
     assert sorted(m.name for m in client.search_registered_models()) == [
-        "lowlabel-pretrain-moco", "lowlabel-pretrain-simclr", "lowlabel-semisup-fixmatch", "lowlabel-semisup-supervised"]
+        "lowlabel-meta-protonet", "lowlabel-pretrain-moco", "lowlabel-pretrain-simclr", "lowlabel-semisup-fixmatch", "lowlabel-semisup-supervised"]
     import mlflow.pytorch
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

@@ -23,6 +23,7 @@ Probability = Annotated[float, Field(gt=0, le=1)]
 
 PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg", "rotnet")
 SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "flexmatch", "mixmatch", "pseudolabel", "meanteacher", "supervised")
+META_METHODS = ("protonet", "matchingnet", "relationnet", "maml", "reptile")
 # finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
 # lowlabel.fewshot.protocol.HEAD_NAMES (the heads registry + finetune) names the same (a test checks).
 FEWSHOT_HEADS = ("protonet", "linear", "cosine", "knn", "matchingnet", "finetune")
@@ -338,6 +339,69 @@ class SemisupConfig(_Section):
     randaugment: RandAugmentConfig = RandAugmentConfig()
 
 
+class MatchingNetMetaConfig(_Section):
+    # Cosine similarities are divided by it before the softmax (Vinyals et al.: 1; a small value
+    # sharpens the attention, as a learned scale would).
+    temperature: PositiveFloat = 0.1
+
+
+class RelationNetMetaConfig(_Section):
+    # The relation module: an MLP on [class feature, query feature] (our encoders give vectors).
+    hidden: PositiveInt = 8
+    # How a class's support features are pooled: the paper sums them.
+    reduce: Literal["sum", "mean"] = "sum"
+
+
+class MAMLMetaConfig(_Section):
+    inner_steps: PositiveInt = 5
+    inner_lr: PositiveFloat = 0.4
+    first_order: bool = False
+    # Meta-SGD: one learnable inner rate per parameter element, initialised to inner_lr.
+    learn_lrs: bool = False
+    # Adaptation steps on a test episode's support set (Finn et al.: 10 at test, 5 in training).
+    test_inner_steps: PositiveInt = 10
+
+
+class ReptileMetaConfig(_Section):
+    inner_steps: PositiveInt = 5
+    inner_lr: PositiveFloat = 0.05  # SGD on each episode's data
+    # epsilon: phi <- phi + epsilon * mean(W - phi), annealed as meta.optim's schedule anneals lr.
+    outer_lr: PositiveFloat = 1.0
+    # Inner steps on support and query images (Nichol et al. train on all of the task's data).
+    use_query: bool = True
+    test_inner_steps: PositiveInt = 10
+
+
+class MetaConfig(_Section):
+    """Episodic meta-training (``meta@<method>``, after semisup)."""
+
+    methods: list[Literal[META_METHODS]] = Field(default_factory=list)  # type: ignore[valid-type]
+    # The starting encoder: random, a pretrain method or a semisup method (by name).
+    init: str = "random"
+    # labels: the labeled base images; pseudo: `pseudo_model`'s confident predictions on the
+    # unlabeled base images (class-balanced); unsupervised: each unlabeled image its own class,
+    # augmented views as its shots and queries (UMTRA).
+    episodes_from: Literal["labels", "pseudo", "unsupervised"] = "labels"
+    pseudo_model: str = "fixmatch"  # a semisup method
+    pseudo_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    # Keep at most this many pseudo-labeled images per class (the most confident); null: all.
+    pseudo_per_class: PositiveInt | None = None
+    ways: Annotated[int, Field(ge=2)] = 5
+    shots: PositiveInt = 1
+    queries: PositiveInt = 5
+    meta_batch: PositiveInt = 4  # episodes per optimiser step, over all workers
+    steps: PositiveInt = 200
+    eval_every: PositiveInt = 50
+    # Validation episodes on the base classes' test images at each eval (rank 0).
+    eval_episodes: PositiveInt = 100
+    optim: Optim = Optim(optimizer="adamw", lr=1e-3, weight_decay=0.0)
+    crop_scale: tuple[Probability, Probability] = (0.2, 1.0)  # unsupervised episodes' views
+    matchingnet: MatchingNetMetaConfig = MatchingNetMetaConfig()
+    relationnet: RelationNetMetaConfig = RelationNetMetaConfig()
+    maml: MAMLMetaConfig = MAMLMetaConfig()
+    reptile: ReptileMetaConfig = ReptileMetaConfig()
+
+
 class FewshotFinetuneConfig(_Section):
     """The ``finetune`` head: a copy of the encoder's last block + a new linear layer per episode."""
 
@@ -375,6 +439,7 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     pretrain: PretrainConfig = PretrainConfig()
     semisup: SemisupConfig = SemisupConfig()
+    meta: MetaConfig = MetaConfig()
     fewshot: FewshotConfig = FewshotConfig()
 
     @model_validator(mode="after")
@@ -385,6 +450,14 @@ class Params(_Section):
             )
         if self.runtime.workers != "auto":  # "auto": checked by with_workers once it is resolved
             _check_batch_split(self, self.runtime.workers, str(self.runtime.workers))
+        if self.meta.methods:
+            starts = ["random", *self.pretrain.methods, *self.semisup.methods]
+            if self.meta.init not in starts:
+                raise ValueError(f"meta.init is {self.meta.init!r}; allowed: 'random' or one of pretrain.methods / semisup.methods {starts[1:]}")
+            if self.meta.episodes_from == "pseudo" and self.meta.pseudo_model not in self.semisup.methods:
+                raise ValueError(
+                    f"meta.pseudo_model is {self.meta.pseudo_model!r}; with meta.episodes_from: pseudo it must be one of semisup.methods {self.semisup.methods}"
+                )
         # The global batch does not depend on the worker count, so this holds for "auto" too.
         queue = self.pretrain.moco.queue_size
         if "moco" in self.pretrain.methods and queue is not None and queue % self.pretrain.batch_size:
@@ -406,6 +479,10 @@ class Params(_Section):
 
 def _check_batch_split(params: Params, workers: int, shown: str) -> None:
     """Each global batch splits evenly over ``workers``, with >= 2 samples per worker."""
+    if params.meta.methods and params.meta.meta_batch % workers:
+        raise ValueError(
+            f"meta.meta_batch ({params.meta.meta_batch}) must be a multiple of runtime.workers ({shown}): each worker takes as many episodes per step"
+        )
     for name, batch in (("pretrain.batch_size", params.pretrain.batch_size), ("semisup.batch_size", params.semisup.batch_size)):
         if batch % workers:
             raise ValueError(f"{name} ({batch}) must be a multiple of runtime.workers ({shown}): it is the global batch, split evenly")

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lowlabel.config import Params
 from lowlabel.errors import UserError
-from lowlabel.methods.moco import default_queue_size
 from lowlabel.runner.launch import run_training_job
 from lowlabel.runner.worker import read_state
 
@@ -106,6 +107,9 @@ def pretrain_job(params: Params, method: str, num_images: int, inputs: tuple[str
     cfg = params.pretrain
     kwargs = getattr(cfg, method).model_dump()
     if method == "moco" and kwargs["queue_size"] is None:
+        # Imported here: the meta and semisup jobs built in this module need no SSL method code.
+        from lowlabel.methods.moco import default_queue_size
+
         kwargs["queue_size"] = default_queue_size(num_images, cfg.batch_size)
     config = {
         "label": f"pretrain@{method}",
@@ -147,4 +151,44 @@ def semisup_job(params: Params, method: str, init_encoder: str | None, inputs: t
     }
     fingerprint = [code_fingerprint(), files_fingerprint(*inputs, *([init_encoder] if init_encoder else []))]
     name = f"semisup-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg, fingerprint)}"
+    return config, name
+
+
+def meta_job(
+    params: Params,
+    method: str,
+    init_encoder: str | None,
+    pool_indices: np.ndarray,
+    pool_labels: np.ndarray | None,
+    inputs: tuple[str | Path, ...] = (),
+) -> tuple[dict[str, Any], str]:
+    """(loop config without the common keys, Ray run name) of ``meta@<method>``. The episode
+    pool (image indices, and their classes unless unsupervised) is made by the stage; the
+    name hashes the params, the code, the starting encoder, the pool and the files ``inputs``."""
+    cfg = params.meta
+    section = getattr(cfg, method, None)
+    config = {
+        "label": f"meta@{method}",
+        "method": method,
+        "method_kwargs": section.model_dump() if section is not None else {},
+        "init_encoder": init_encoder,
+        "episodes_from": cfg.episodes_from,
+        "pool_indices": np.asarray(pool_indices, dtype=np.int64),
+        "pool_labels": None if pool_labels is None else np.asarray(pool_labels, dtype=np.int64),
+        "ways": cfg.ways,
+        "shots": cfg.shots,
+        "queries": cfg.queries,
+        "meta_batch": cfg.meta_batch,
+        "steps": cfg.steps,
+        "eval_every": cfg.eval_every,
+        "eval_episodes": cfg.eval_episodes,
+        "optim": cfg.optim.model_dump(exclude={"grad_clip"}),
+        "grad_clip": cfg.optim.grad_clip,
+        "crop_scale": list(cfg.crop_scale),
+    }
+    pool = hashlib.sha256(np.ascontiguousarray(config["pool_indices"]).tobytes())
+    if pool_labels is not None:
+        pool.update(np.ascontiguousarray(config["pool_labels"]).tobytes())
+    fingerprint = [code_fingerprint(), files_fingerprint(*inputs, *([init_encoder] if init_encoder else [])), pool.hexdigest()]
+    name = f"meta-{method}-{params_hash(params.seed, params.data, params.encoder, params.runtime, cfg, fingerprint)}"
     return config, name

@@ -40,7 +40,7 @@ from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN, log_prepared_input
 def encoder_paths(params: Params) -> dict[str, Path | None]:
     """Encoder name -> its file (None: random init), in report order."""
     paths: dict[str, Path | None] = {RANDOM: None}
-    for stage, methods in (("pretrain", params.pretrain.methods), ("semisup", params.semisup.methods)):
+    for stage, methods in (("pretrain", params.pretrain.methods), ("semisup", params.semisup.methods), ("meta", params.meta.methods)):
         for method in methods:
             path = MODELS_DIR / stage / method / ENCODER_FILE
             if not path.is_file():

@@ -54,6 +54,7 @@ def collect(params: Params) -> dict:
         "prepare": _load(METRICS_DIR / "prepare.json"),
         "pretrain": {m: _load(METRICS_DIR / "pretrain" / f"{m}.json") for m in params.pretrain.methods},
         "semisup": {m: _load(METRICS_DIR / "semisup" / f"{m}.json") for m in params.semisup.methods},
+        "meta": {m: _load(METRICS_DIR / "meta" / f"{m}.json") for m in params.meta.methods},
         "fewshot": _load(METRICS_DIR / "fewshot.json"),
     }
 
@@ -71,6 +72,12 @@ def margins(metrics: dict, params: Params) -> dict[str, float]:
         for key, value in encoders[f"pretrain/{method}"].items():
             if key.startswith("protonet/") and key in encoders["random"]:
                 out[f"{key}: pretrain/{method} - random"] = 100 * (value["acc"] - encoders["random"][key]["acc"])
+    # Meta-training against the encoder it started from, on the novel classes.
+    start = "random" if params.meta.init == "random" else f"{'pretrain' if params.meta.init in params.pretrain.methods else 'semisup'}/{params.meta.init}"
+    for method in metrics.get("meta", {}):
+        for key, value in encoders.get(f"meta/{method}", {}).items():
+            if key.startswith("protonet/") and key in encoders.get(start, {}):
+                out[f"{key}: meta/{method} - {start}"] = 100 * (value["acc"] - encoders[start][key]["acc"])
     semisup = metrics["semisup"]
     if "supervised" in semisup:
         for method in semisup:
@@ -112,6 +119,13 @@ def markdown(metrics: dict, params: Params, deltas: dict[str, float]) -> str:
         pseudo = f"{m['pseudo_acc'] * 100:.1f}" if "pseudo_acc" in m else "–"
         balance = f"{m['pseudo_balance']:.2f}" if "pseudo_balance" in m else "–"
         lines.append(f"| {method} | {m['init']} | {m['steps']} | {m['test_acc'] * 100:.1f} | {m['test_acc_ema'] * 100:.1f} | {mask} | {pseudo} | {balance} |")
+    if metrics.get("meta"):
+        lines += ["", "## Meta-training (episodes of the base classes)", "",
+                  "| method | init | episodes from | steps | val acc (base test episodes) | best | episodes/s |", "|---|---|---|---|---|---|---|"]
+        for method, m in metrics["meta"].items():
+            lines.append(
+                f"| {method} | {m['init']} | {m['episodes_from']} | {m['steps']} | {m['val_acc'] * 100:.1f} | {m['best_val_acc'] * 100:.1f} | {m['episodes_per_s']:.1f} |"
+            )
     lines += ["", "## Margins (accuracy points; the pipeline's claims hold where positive)", ""]
     lines += [f"- {name}: {value:+.1f}" for name, value in deltas.items()]
     return "\n".join(lines) + "\n"
