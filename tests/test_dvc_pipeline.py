@@ -91,6 +91,8 @@ def test_first_repro_runs_every_stage_and_writes_outputs(project):
     for scores in fewshot["encoders"].values():
         for setting in ("protonet/5w1s", "protonet/5w5s"):
             assert 0.0 < scores[setting]["acc"] <= 1.0 and scores[setting]["ci95"] > 0
+    # The meta-trained encoder also through its method's own head (ProtoNet: unnormalised prototypes).
+    assert {"own/5w1s", "own/5w5s"} <= set(fewshot["encoders"]["meta/protonet"])
     report = json.loads((root / "metrics/report.json").read_text())
     assert "knn: pretrain/simclr - random" in report["margins"]
     assert "protonet/5w5s: meta/protonet - semisup/fixmatch" in report["margins"]

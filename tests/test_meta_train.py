@@ -259,3 +259,34 @@ def test_report_compares_each_meta_encoder_with_the_encoder_it_started_from():
     text = markdown(metrics, params, deltas)
     assert "| protonet | fixmatch | pseudo | 100 | 61.0 | 63.0 | 12.0 |" in text
     assert "| meta/protonet | 80.0 |" in text
+
+
+def test_own_head_of_a_meta_encoder_scores_novel_episodes_and_protonet_equals_the_frozen_head(tiny_prepared, one_torch_thread):
+    """ProtoNet's own head (squared Euclidean to class means of eval-mode features) is the
+    frozen ProtoNet head without feature normalisation: same episodes, same accuracies. MAML's
+    head has the trained number of ways, so it is scored at those ways only."""
+    from lowlabel.fewshot.protocol import FewShotProtocol, evaluate_encoder, meta_method_from_state, plan_episodes
+    from lowlabel.meta.registry import META_METHODS
+    from lowlabel.models.encoders import build_encoder, feature_dim
+    from lowlabel.stages.fewshot import own_head_scores
+
+    data = PreparedData.load(tiny_prepared)  # 2 novel classes
+    params = parse_params({"encoder": {"width": 8}, "fewshot": {"ways": [2], "shots": [1, 3], "queries": 3, "episodes": 20,
+                                                                "feature_norm": "none", "distance": "euclidean"}})
+    protocol = FewShotProtocol.from_params(params)
+    labels = data.novel_pool_labels()
+    plans = plan_episodes(protocol, labels)
+    torch.manual_seed(0)
+    encoder = build_encoder("conv4", data.in_chans, 8)
+    dim = feature_dim(encoder, data.in_chans, data.image_size)
+    blob = {"method": "protonet", "settings": {}, "ways": 2, "state": META_METHODS["protonet"](encoder, dim, 2).state_dict()}
+    own = own_head_scores(meta_method_from_state(blob, build_encoder("conv4", data.in_chans, 8), data.in_chans, data.image_size), data, plans)
+    frozen = evaluate_encoder(protocol, encoder, data, plans, labels)
+    assert set(own) == {"own/2w1s", "own/2w3s"}
+    for setting in ("2w1s", "2w3s"):
+        assert own[f"own/{setting}"]["acc"] == pytest.approx(frozen[f"protonet/{setting}"]["acc"], abs=1e-6)
+    maml = META_METHODS["maml"](build_encoder("conv4", data.in_chans, 8), dim, 5, inner_steps=1, test_inner_steps=2)
+    assert own_head_scores(maml, data, plans) == {}  # trained 5-way: no 2-way score
+    maml2 = META_METHODS["maml"](build_encoder("conv4", data.in_chans, 8), dim, 2, inner_steps=1, test_inner_steps=2)
+    scores = own_head_scores(maml2, data, plans)
+    assert set(scores) == {"own/2w1s", "own/2w3s"} and all(0 <= s["acc"] <= 1 for s in scores.values())

@@ -34,6 +34,7 @@ from lowlabel.fewshot.evaluate import FewShotResult, NormalizeMode, evaluate_epi
 from lowlabel.fewshot.finetune import FineTuneLastBlock, LastBlockSplit, split_last_block
 from lowlabel.fewshot.heads import HEADS
 from lowlabel.fewshot.sampler import Episode, EpisodeError, sample_episodes
+from lowlabel.meta.base import MetaMethod
 from lowlabel.models.encoders import build_encoder
 from lowlabel.runner.worker import seed_everything
 
@@ -295,3 +296,60 @@ def evaluate_encoder(
             result = evaluate_head(protocol, pool, novel_labels, episodes, head)
             out[f"{head}/{setting_name(n_way, k_shot)}"] = {"acc": result.accuracy, "ci95": result.ci95}
     return out
+
+
+# ---- meta-trained methods: their own test-time procedure ---------------------------------------
+
+
+def meta_method_from_state(blob: dict[str, Any], encoder: torch.nn.Module, in_chans: int, image_size: int) -> MetaMethod:
+    """The :class:`~lowlabel.meta.base.MetaMethod` a ``meta@<method>`` stage stored (its
+    ``meta_head.pt``: method name, settings, trained ways, whole state) around ``encoder``."""
+    from lowlabel.meta.registry import META_METHODS
+    from lowlabel.models.encoders import feature_dim
+
+    method = META_METHODS[blob["method"]](encoder, feature_dim(encoder, in_chans, image_size), blob["ways"], **blob["settings"])
+    method.load_state_dict(blob["state"])
+    return method
+
+
+def novel_pool_images(data: PreparedData) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows of the few-shot pool (:meth:`PreparedData.novel_pool_labels` order) -> their uint8 images."""
+    sources = [(data.test_images, np.asarray(data.split.test_novel, dtype=np.int64))]
+    if data.split.train_novel:
+        sources.append((data.train_images, np.asarray(data.split.train_novel, dtype=np.int64)))
+    starts = np.cumsum([0] + [len(rows) for _, rows in sources])
+
+    def fetch(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *data.test_images.shape[1:]), dtype=np.uint8)
+        for k, (images, indices) in enumerate(sources):
+            mine = (rows >= starts[k]) & (rows < starts[k + 1])
+            out[mine] = images[indices[rows[mine] - starts[k]]]
+        return out
+
+    return fetch
+
+
+def evaluate_meta_method(method: MetaMethod, data: PreparedData, episodes: list[Episode]) -> FewShotResult:
+    """The method's own test-time procedure (:meth:`MetaMethod.scores`: the support set through
+    its head — prototypes, attention, relation module, or MAML/Reptile adaptation) on the novel
+    episodes, from the images (normalised as in training). Scored in eval mode, except methods
+    that adapt (``method.adapts``: batch statistics, as in training; the state is restored)."""
+    from lowlabel.data import device_augment
+    from lowlabel.fewshot.evaluate import confidence_interval95
+    from lowlabel.meta.episodes import load_episode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = method.to(device).train(method.adapts)
+    view = device_augment.eval_view(data.mean, data.std).to(device)
+    fetch = novel_pool_images(data)
+    accuracies = np.empty(len(episodes))
+    for i, episode in enumerate(episodes):
+        batch = load_episode(episode, lambda rows: view(device_augment.uint8_batch(fetch(rows)).to(device), 0))
+        batch = batch.to(device)
+        accuracies[i] = (method.scores(batch).argmax(1) == batch.query_y).float().mean().item()
+    n_way, k_shot = episodes[0].n_way, episodes[0].k_shot
+    return FewShotResult(
+        head="meta", n_way=n_way, k_shot=k_shot, n_query=episodes[0].n_query, episodes=len(episodes),
+        accuracy=float(accuracies.mean()), ci95=confidence_interval95(accuracies), per_episode=accuracies,
+    )

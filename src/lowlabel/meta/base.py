@@ -67,9 +67,14 @@ class MetaMethod(nn.Module, ABC):
     hooks an inner loop would fire (see lowlabel.meta.maml).
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
+    # True for methods that adapt a `ways`-output head on the support set at test time (MAML,
+    # Reptile): scored in train mode (batch statistics, as in training), at the trained ways only.
+    adapts: bool = False
+
+    def __init__(self, encoder: nn.Module, ways: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.ways = ways  # the episodes' ways in training
 
     @abstractmethod
     def meta_gradients(self, episodes: list[EpisodicBatch]) -> torch.Tensor:
@@ -102,8 +107,8 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
 class MetricMetaMethod(MetaMethod):
     """A metric learner (:class:`EpisodicLearner`) trained on the mean loss of its episodes."""
 
-    def __init__(self, learner: EpisodicLearner) -> None:
-        super().__init__(learner.encoder)
+    def __init__(self, learner: EpisodicLearner, ways: int | None = None) -> None:
+        super().__init__(learner.encoder, ways)
         self.learner = learner
 
     def meta_gradients(self, episodes: list[EpisodicBatch]) -> torch.Tensor:

@@ -215,6 +215,8 @@ class MAMLMethod(MetaMethod):
     whole network adapts on the support set for ``test_inner_steps`` steps, in train mode
     (Finn et al.'s transductive batch statistics), leaving the trained state unchanged."""
 
+    adapts = True
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -226,7 +228,7 @@ class MAMLMethod(MetaMethod):
         learn_lrs: bool = False,
         test_inner_steps: int = 10,
     ) -> None:
-        super().__init__(encoder)
+        super().__init__(encoder, ways)
         self.maml = MAML(nn.Sequential(encoder, nn.Linear(feature_dim, ways)), inner_steps, inner_lr, first_order=first_order, learn_lrs=learn_lrs)
         self.test_inner_steps = test_inner_steps
 

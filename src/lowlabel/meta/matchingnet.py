@@ -76,4 +76,4 @@ class MatchingNet(MetricMetaMethod):
     """``meta@matchingnet``: episodic training under the matching head (no full-context embeddings)."""
 
     def __init__(self, encoder: torch.nn.Module, feature_dim: int, ways: int, temperature: float = 1.0) -> None:
-        super().__init__(MatchingNetLearner(encoder, temperature))
+        super().__init__(MatchingNetLearner(encoder, temperature), ways)

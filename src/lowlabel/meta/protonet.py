@@ -57,4 +57,4 @@ class ProtoNet(MetricMetaMethod):
     """``meta@protonet``: episodic training of the encoder under the prototypical head."""
 
     def __init__(self, encoder: torch.nn.Module, feature_dim: int, ways: int) -> None:
-        super().__init__(ProtoNetLearner(encoder))
+        super().__init__(ProtoNetLearner(encoder), ways)

@@ -121,4 +121,4 @@ class RelationNet(MetricMetaMethod):
     together (the relation module is the method's test-time head, stored with the encoder)."""
 
     def __init__(self, encoder: nn.Module, feature_dim: int, ways: int, hidden: int = 8, reduce: Literal["sum", "mean"] = "sum") -> None:
-        super().__init__(RelationNetLearner(encoder, RelationMLP(feature_dim, hidden), reduce))
+        super().__init__(RelationNetLearner(encoder, RelationMLP(feature_dim, hidden), reduce), ways)

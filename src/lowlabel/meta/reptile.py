@@ -150,6 +150,8 @@ class ReptileMethod(MetaMethod):
     momentum on the gradient ``phi - mean W``, so meta.optim's schedule anneals epsilon).
     At test time the network adapts on the support set for ``test_inner_steps`` steps."""
 
+    adapts = True
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -161,7 +163,7 @@ class ReptileMethod(MetaMethod):
         use_query: bool = True,
         test_inner_steps: int = 10,
     ) -> None:
-        super().__init__(encoder)
+        super().__init__(encoder, ways)
         self.model = nn.Sequential(encoder, nn.Linear(feature_dim, ways))
         self.inner_steps, self.inner_lr, self.outer_lr = inner_steps, inner_lr, outer_lr
         self.use_query, self.test_inner_steps = use_query, test_inner_steps

@@ -13,6 +13,8 @@ from lowlabel.atomic import atomic_write
 from lowlabel.models.encoders import build_encoder
 
 ENCODER_FILE = "encoder.pt"
+# Beside a meta@<method> encoder: the method's whole trained state (head, relation module, inner rates).
+META_HEAD_FILE = "meta_head.pt"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

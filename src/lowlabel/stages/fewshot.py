@@ -4,7 +4,9 @@ Per encoder: embeddings of the novel-class test images computed once, then N-way
 episodes (the same episodes for every encoder) run on that cache with each head; plus the
 base-class kNN accuracy, so every encoder is also compared on the classes it did see.
 One MLflow run per encoder, metrics named ``fewshot/<head>/<N>w<K>s/acc`` so the UI's
-compare view lines them up.
+compare view lines them up. A meta-trained encoder (``meta/<method>``) is also scored through
+its method's own test-time head, stored beside it (``own/<N>w<K>s``: prototypes, matching
+attention, the relation module, or MAML/Reptile adaptation on the support set).
 
 The protocol itself (episodes, heads, pool embedding, base accuracies) is
 :mod:`lowlabel.fewshot.protocol`'s; this stage picks the encoders on disk, logs each to MLflow
@@ -13,15 +15,27 @@ and writes ``metrics/fewshot.json`` and ``plots/fewshot.csv``.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import mlflow
+import torch
 
 from lowlabel.config import Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
-from lowlabel.fewshot.protocol import RANDOM, FewShotProtocol, evaluate_encoder, plan_episodes, random_encoder
-from lowlabel.models.store import ENCODER_FILE
+from lowlabel.fewshot.protocol import (
+    RANDOM,
+    FewShotProtocol,
+    evaluate_encoder,
+    evaluate_meta_method,
+    meta_method_from_state,
+    plan_episodes,
+    random_encoder,
+    setting_name,
+)
+from lowlabel.meta.base import MetaMethod
+from lowlabel.models.store import ENCODER_FILE, META_HEAD_FILE
 from lowlabel.stages.common import (
     METRICS_DIR,
     MODELS_DIR,
@@ -33,7 +47,7 @@ from lowlabel.stages.common import (
     write_csv,
     write_json,
 )
-from lowlabel.stages.encoder_files import load_encoder_file
+from lowlabel.stages.encoder_files import load_encoder_file, load_failure
 from lowlabel.tracking import TAG_ENCODER, TAG_INIT_RUN, log_prepared_input
 
 
@@ -47,6 +61,34 @@ def encoder_paths(params: Params) -> dict[str, Path | None]:
                 raise StageError(f"{path} is missing; run `dvc repro {stage}@{method}` first")
             paths[f"{stage}/{method}"] = path
     return paths
+
+
+# The key prefix of a meta-trained method's own test-time head ("own/5w1s").
+OWN_HEAD = "own"
+
+
+def load_meta_head(name: str, encoder: torch.nn.Module, in_chans: int, image_size: int) -> MetaMethod:
+    """The stored MetaMethod of the encoder ``meta/<method>`` (models/meta/<method>/meta_head.pt),
+    around a copy of ``encoder``."""
+    path = MODELS_DIR / name / META_HEAD_FILE
+    remake = f"dvc repro {name.replace('/', '@', 1)}"
+    try:
+        # weights_only: a model file must not be a way to run code here.
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return meta_method_from_state(blob, copy.deepcopy(encoder), in_chans, image_size)
+    except Exception as error:  # missing, cut off, another encoder's
+        raise StageError(f"{path} cannot be loaded: {load_failure(error)}; re-create it with `{remake}`") from None
+
+
+def own_head_scores(method: MetaMethod, data: PreparedData, plans: dict) -> dict[str, dict]:
+    """A meta-trained encoder through its method's own test-time head, on the same episodes."""
+    out = {}
+    for (n_way, k_shot), episodes in plans.items():
+        if method.adapts and n_way != method.ways:
+            continue  # its head has the trained number of outputs
+        result = evaluate_meta_method(method, data, episodes)
+        out[f"{OWN_HEAD}/{setting_name(n_way, k_shot)}"] = {"acc": result.accuracy, "ci95": result.ci95}
+    return out
 
 
 def fewshot(params: Params) -> dict:
@@ -63,6 +105,7 @@ def fewshot(params: Params) -> dict:
             encoders[name] = random_encoder(params.encoder.arch, data.in_chans, params.encoder.width, params.seed), {}
         else:  # name "pretrain/simclr" is written by the DVC stage pretrain@simclr
             encoders[name] = load_encoder_file(path, f"dvc repro {name.replace('/', '@', 1)}")
+    heads = {name: load_meta_head(name, encoders[name][0], data.in_chans, data.image_size) for name in encoders if name.startswith("meta/")}
     results: dict[str, dict] = {}
     rows = []
     digest = prepared_digest(PREPARED_DIR)
@@ -74,6 +117,8 @@ def fewshot(params: Params) -> dict:
         ):
             log_prepared_input(data, params.data.source, digest, context="evaluation")
             scores = evaluate_encoder(protocol, encoder, data, plans, novel_labels)
+            if name in heads:
+                scores |= own_head_scores(heads[name], data, plans)
             mlflow.log_metrics({"base/knn_acc": scores["base_knn_acc"], "base/linear_acc": scores["base_linear_acc"]})
             for key, value in scores.items():
                 if isinstance(value, dict):

@@ -18,14 +18,13 @@ import numpy as np
 from lowlabel.atomic import atomic_dir
 from lowlabel.config import META_METHODS, Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
-from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
+from lowlabel.models.store import ENCODER_FILE, META_HEAD_FILE, atomic_torch_save, save_encoder
 from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run
 from lowlabel.stages.encoder_files import load_encoder_file
 from lowlabel.stages.preflight import check_before_training, check_storage
 from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
 from lowlabel.tracking import TAG_INIT_RUN, log_prepared_input
 
-HEAD_FILE = "meta_head.pt"  # the method's whole trained state (head, relation module, inner rates)
 PSEUDO_CLASSIFIER = "classifier_ema.pt"
 
 
@@ -168,7 +167,7 @@ def meta(params: Params, method: str) -> dict:
                     in_chans=data.in_chans, image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
                     init_run_id=init_run,
                 )
-                atomic_torch_save({"method": method, "settings": config["method_kwargs"], "ways": cfg.ways, "state": state["model"]}, folder / HEAD_FILE)
+                atomic_torch_save({"method": method, "settings": config["method_kwargs"], "ways": cfg.ways, "state": state["model"]}, folder / META_HEAD_FILE)
             publish_training_outputs("meta", method, metrics, history, out, data.in_chans, data.image_size)
     return metrics
 

@@ -108,7 +108,7 @@ def episode_accuracy(method: MetaMethod, episodes: LabeledEpisodes, count: int, 
         episode = episodes.batch(0, i, device)
         # Metric heads score in eval mode (running statistics); MAML and Reptile adapt in train
         # mode (batch statistics, as in training) and restore the state they touched.
-        method.train(isinstance(method, (META_METHODS["maml"], META_METHODS["reptile"])))
+        method.train(method.adapts)
         predicted = method.scores(episode).argmax(1)
         correct += int((predicted == episode.query_y).sum())
         total += episode.query_y.numel()
