@@ -265,7 +265,12 @@ def test_own_head_of_a_meta_encoder_scores_novel_episodes_and_protonet_equals_th
     """ProtoNet's own head (squared Euclidean to class means of eval-mode features) is the
     frozen ProtoNet head without feature normalisation: same episodes, same accuracies. MAML's
     head has the trained number of ways, so it is scored at those ways only."""
-    from lowlabel.fewshot.protocol import FewShotProtocol, evaluate_encoder, meta_method_from_state, plan_episodes
+    from lowlabel.fewshot.protocol import (
+        FewShotProtocol,
+        evaluate_encoder,
+        meta_method_from_state,
+        plan_episodes,
+    )
     from lowlabel.meta.registry import META_METHODS
     from lowlabel.models.encoders import build_encoder, feature_dim
     from lowlabel.stages.fewshot import own_head_scores
