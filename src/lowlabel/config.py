@@ -107,6 +107,12 @@ class RuntimeConfig(_Section):
     # (batched, per-sample parameters, on the training device: lowlabel.data.device_augment), or
     # auto: device on GPU, and on CPU too (measured faster there: see resolve_augment).
     augment: Literal["auto", "cpu", "device"] = "auto"
+    # How a job's prepared data reaches its workers: object_store (one whole copy per node, in
+    # memory or Ray's disk fallback), or storage (copied once to runtime.storage_path, read in
+    # place: memory-mapped from a shared mount, or by ranged reads into a cache of
+    # input_cache_mb per array and worker from a URI): for data larger than a node's memory.
+    inputs: Literal["object_store", "storage"] = "object_store"
+    input_cache_mb: PositiveInt = 256
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ workers of one node share one copy. Size: inputs larger than a node's object sto
 arrive (Ray's fallback allocation backs them with disk-mapped memory; bench/object_store_limit.py
 on two hosts: 50, 150 and 300 MB read by a task on a node whose store holds 80 MB), so the limit is
 one copy per node in its memory (or its Ray temp disk); a local Ray's store is sized here from
-the inputs. Data far larger than a node's memory would need streaming by shards (not built).
+the inputs. Data larger than a node's memory: ``runtime.inputs: storage``
+(lowlabel.runner.stored_inputs) reads the images in place from the job's storage.
 The single-machine default takes the same path, so every run exercises it.
 """
 
@@ -47,13 +48,19 @@ def load_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)["state_dict"]
 
 
-def ship_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def ship_inputs(config: dict[str, Any], stage_on: str | None = None, cache_bytes: int = 256 << 20) -> tuple[dict[str, Any], int]:
     """``config`` with its file inputs replaced by object refs, and the bytes shipped.
 
-    Ray must be up. The refs live as long as the returned config (the driver holds it until
-    the job ends)."""
+    With ``stage_on`` (a storage path or URI: ``runtime.inputs: storage``) the prepared data is
+    copied there instead (once per content, lowlabel.runner.stored_inputs) and the workers read
+    it in place. Ray must be up. The refs live as long as the returned config (the driver
+    holds it until the job ends)."""
     shipped, nbytes = dict(config), 0
-    if isinstance(config.get(DATA_KEY), (str, Path)):
+    if isinstance(config.get(DATA_KEY), (str, Path)) and stage_on is not None:
+        from lowlabel.runner.stored_inputs import stage_prepared
+
+        shipped[DATA_KEY], nbytes = stage_prepared(stage_on, config[DATA_KEY], cache_bytes)
+    elif isinstance(config.get(DATA_KEY), (str, Path)):
         loaded = PreparedData.load(config[DATA_KEY])
         # Read the memory maps once: the object store holds plain arrays, zero-copy on get.
         in_memory = replace(
@@ -71,9 +78,14 @@ def ship_inputs(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 
 def open_data(handle: Any) -> PreparedData:
-    """In a worker: the job's prepared data, from the object store (or a local folder)."""
+    """In a worker: the job's prepared data, from the object store, the job's storage
+    (lowlabel.runner.stored_inputs) or a local folder."""
+    from lowlabel.runner.stored_inputs import StoredData, open_stored
+
     if isinstance(handle, ray.ObjectRef):
         return ray.get(handle)
+    if isinstance(handle, StoredData):
+        return open_stored(handle)
     return PreparedData.load(handle)
 
 

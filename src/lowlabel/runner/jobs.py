@@ -44,7 +44,7 @@ def run_job(
     result = run_training_job(
         loop, config, name=name, workers=rt.workers, use_gpu=rt.use_gpu, cpus_per_worker=rt.cpus_per_worker,
         storage_path=storage_path or rt.storage_path, max_failures=rt.max_failures, ray_address=rt.ray_address,
-        local_num_cpus=rt.local_num_cpus, gpus_per_worker=gpus_per_worker,
+        local_num_cpus=rt.local_num_cpus, gpus_per_worker=gpus_per_worker, inputs=rt.inputs, input_cache_mb=rt.input_cache_mb,
     )
     if result.error is not None:
         raise result.error

@@ -206,6 +206,8 @@ def run_training_job(
     ray_address: str | None = None,
     local_num_cpus: int | None = None,
     gpus_per_worker: float = 1.0,
+    inputs: str = "object_store",
+    input_cache_mb: int = 256,
 ) -> ray.train.Result:
     """Run ``train_loop(config)`` on ``workers`` Ray Train workers; returns the Result.
 
@@ -219,7 +221,7 @@ def run_training_job(
     storage = Storage.parse(storage_path)
     # Before Ray starts: a checkpoint that must not be loaded stops the stage right here.
     resume = latest_checkpoint(storage, name)
-    ensure_ray(cluster_address(ray_address), local_num_cpus, object_store_bytes=inputs_nbytes(config))
+    ensure_ray(cluster_address(ray_address), local_num_cpus, object_store_bytes=0 if inputs == "storage" else inputs_nbytes(config))
     gpu = resolve_use_gpu(use_gpu)
     workers = resolve_workers(workers, cpus_per_worker, gpu, gpus_per_worker)
     check_resources(workers, cpus_per_worker, gpu)
@@ -232,8 +234,11 @@ def run_training_job(
     # no newer checkpoint of this job (ray.train.get_checkpoint() after a worker restart).
     if resume is not None:
         print(f"[{name}] resuming from {resume.path}", flush=True)
-    config, shipped = ship_inputs(config)
-    print(f"[{name}] inputs: {shipped / 1e6:.1f} MB through the object store; checkpoints: {storage.uri}", flush=True)
+    # runtime.inputs: storage — the prepared data is read in place from the job's storage (copied
+    # there once per content), not held whole by every node.
+    config, shipped = ship_inputs(config, storage.uri if inputs == "storage" else None, input_cache_mb << 20)
+    route = "copied to the job's storage (read in place)" if inputs == "storage" else "through the object store"
+    print(f"[{name}] inputs: {shipped / 1e6:.1f} MB {route}; checkpoints: {storage.uri}", flush=True)
     with metrics_sink(config.get("tracking_uri"), config.get("run_id")) as sink:
         trainer = TorchTrainer(
             train_loop,
