@@ -80,7 +80,7 @@ class TrainingFrame:
         done, self.history = state[PERIODS_KEY], state["history"]
         units = self.units_done(done)
         self.progress = Progress(self.job.label, self.total, unit=self.unit, done_at_start=units)
-        print_main(self.ctx, f"[{self.job.label}] resumed from the checkpoint at {self.unit} {units}")
+        print_main(self.ctx, f"[{self.job.label}] resumed from the checkpoint of {self.unit} {units}")
         self.logger.log({f"resumed_at_{self.unit}": units}, step=units)  # the restart, on the record
         return done
 
