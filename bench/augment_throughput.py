@@ -37,8 +37,8 @@ from lowlabel.config import parse_params
 from lowlabel.data import augment as cpu
 from lowlabel.data import device_augment as dev
 from lowlabel.data.datasets import ImagesDataset, ViewsDataset
-from lowlabel.methods import PRETRAIN_METHODS
-from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+from lowlabel.methods.semisup import SEMISUP_REGISTRY
+from lowlabel.methods.ssl import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier
 from lowlabel.train.optim import build_optimizer

@@ -42,8 +42,8 @@ import ray.train
 from lowlabel.config import Params, parse_params
 from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared
 from lowlabel.data.splits import make_split
-from lowlabel.methods import PRETRAIN_METHODS
-from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+from lowlabel.methods.semisup import SEMISUP_REGISTRY
+from lowlabel.methods.ssl import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier
 from lowlabel.presets import PRESETS_DIR, merge, set_param

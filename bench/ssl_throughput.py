@@ -28,7 +28,7 @@ configure_quiet_env()
 
 from lowlabel.data.augment import contrastive_view
 from lowlabel.data.datasets import ViewsDataset
-from lowlabel.methods import PRETRAIN_METHODS
+from lowlabel.methods.ssl import PRETRAIN_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.train.optim import build_optimizer
 

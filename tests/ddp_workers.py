@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lowlabel.distributed import batch_shuffle, batch_unshuffle, gather_no_grad
-from lowlabel.methods.moco import MoCo
-from lowlabel.methods.simclr import SimCLR
+from lowlabel.methods.ssl.moco import MoCo
+from lowlabel.methods.ssl.simclr import SimCLR
 
 
 def init(rank: int, world: int, port: int) -> None:
@@ -97,7 +97,7 @@ def moco_enqueue_order(rank: int, world: int, port: int, out: str) -> None:
 
 def dist_align_steps(rank: int, world: int, port: int, out: str) -> None:
     """Each worker aligns its own unlabeled batch; the running mean must be the global one."""
-    from lowlabel.methods.semisup import DistributionAlignment
+    from lowlabel.methods.semisup.base import DistributionAlignment
 
     init(rank, world, port)
     aligner = DistributionAlignment(3, momentum=0.5)
@@ -113,7 +113,7 @@ def dist_align_steps(rank: int, world: int, port: int, out: str) -> None:
 
 def self_adaptive_threshold_steps(rank: int, world: int, port: int, out: str) -> None:
     """Each worker thresholds its own unlabeled batch; the running statistics must be the union's."""
-    from lowlabel.methods.freematch import SelfAdaptiveThreshold
+    from lowlabel.methods.semisup.freematch import SelfAdaptiveThreshold
 
     init(rank, world, port)
     sat = SelfAdaptiveThreshold(3, momentum=0.5)
@@ -129,7 +129,7 @@ def self_adaptive_threshold_steps(rank: int, world: int, port: int, out: str) ->
 
 def toy_decorrelation(method: str):
     """Barlow Twins or VICReg, BatchNorm-free: the batch statistics are the loss's alone."""
-    from lowlabel.methods import PRETRAIN_METHODS
+    from lowlabel.methods.ssl import PRETRAIN_METHODS
 
     torch.manual_seed(0)
     model = PRETRAIN_METHODS[method](nn.Sequential(nn.Linear(6, 8), nn.Tanh()), 8, proj_hidden_dim=8, proj_dim=5, gather_distributed=True)
@@ -161,7 +161,7 @@ def vicreg_step(rank: int, world: int, port: int, out: str) -> None:
 
 def flexmatch_record_steps(rank: int, world: int, port: int, out: str) -> None:
     """Each worker records its own unlabeled images; every worker must hold the union's record."""
-    from lowlabel.methods.flexmatch import LearningEffect
+    from lowlabel.methods.semisup.flexmatch import LearningEffect
 
     init(rank, world, port)
     effect = LearningEffect(num_unlabeled=16, num_classes=3, threshold=0.5, warmup=True)
@@ -237,4 +237,39 @@ def reptile_deltas(rank: int, world: int, port: int, out: str) -> None:
     episodes = [toy_meta_episode(2 * rank), toy_meta_episode(2 * rank + 1)]
     reptile_step(model, episodes, steps=3, inner_lr=0.1, outer_lr=0.5)
     torch.save({"params": [p.detach().clone() for p in model.parameters()]}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def toy_dino():
+    """BatchNorm-free (the head a plain linear layer), so per-worker batches cannot change the math."""
+    from lowlabel.methods.ssl.dino import DINO
+
+    torch.manual_seed(0)
+    model = DINO(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), 8, proj_hidden_dim=8, bottleneck_dim=4, out_dim=5, local_crops=2, center_momentum=0.5)
+    model.head = nn.Linear(8, 5)
+    model.momentum_branch = model.init_momentum_branch(model.encoder, model.head)
+    return model.double()
+
+
+def dino_views(n: int = 8) -> list[torch.Tensor]:
+    """2 global + 2 local views of n images."""
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(n, 6, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def dino_steps(rank: int, world: int, port: int, out: str) -> None:
+    """Two forwards: the first's gradients and centre, the second's loss (with the updated centre)."""
+    init(rank, world, port)
+    model = DDP(toy_dino())
+    views = dino_views()
+    share = len(views[0]) // world
+    mine = [v[rank * share : (rank + 1) * share] for v in views]
+    loss = model(mine)["loss"]
+    loss.backward()
+    record = {"losses": [gather_no_grad(loss.detach().reshape(1))], "grads": [p.grad for p in model.module.parameters() if p.requires_grad],
+              "centers": [model.module.center.clone()]}
+    with torch.no_grad():
+        record["losses"].append(gather_no_grad(model(mine)["loss"].detach().reshape(1)))
+    record["centers"].append(model.module.center.clone())
+    torch.save(record, f"{out}.{rank}")
     dist.destroy_process_group()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lowlabel.methods.freematch import SelfAdaptiveThreshold
+from lowlabel.methods.semisup.freematch import SelfAdaptiveThreshold
 
 
 def free_port() -> int:
@@ -111,7 +111,7 @@ def test_self_adaptive_thresholds_track_every_workers_batch(tmp_path):
 
 
 def test_flexmatch_learning_effect_records_every_workers_images(tmp_path):
-    from lowlabel.methods.flexmatch import LearningEffect
+    from lowlabel.methods.semisup.flexmatch import LearningEffect
 
     spawn(W.flexmatch_record_steps, tmp_path / "flex")
     r0, r1 = (torch.load(tmp_path / f"flex.{r}", weights_only=False) for r in (0, 1))
@@ -166,3 +166,28 @@ def test_reptile_two_workers_equal_one_worker_on_the_union_of_meta_batches(tmp_p
     for r in (r0, r1):
         for got, p in zip(r["params"], single.parameters()):
             assert torch.allclose(got, p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_dino_two_workers_equal_one_worker_on_the_union_with_one_centre(tmp_path):
+    """Worker r holds half of every view: the mean of the workers' losses and DDP's averaged
+    gradients are the 1-worker loss and gradients on the union, and the centre, an EMA of the
+    teacher's batch mean, is the global batch's on every worker (all-reduced), step after step."""
+    spawn(W.dino_steps, tmp_path / "dino")
+    r0, r1 = (torch.load(tmp_path / f"dino.{r}", weights_only=False) for r in (0, 1))
+    single = W.toy_dino()
+    views = W.dino_views()
+    loss = single(views)["loss"]
+    loss.backward()
+    centers = [single.center.clone()]
+    with torch.no_grad():
+        losses = [loss.detach(), single(views)["loss"]]
+    centers.append(single.center.clone())
+    for step in range(2):
+        assert r0["losses"][step].mean().item() == pytest.approx(losses[step].item(), rel=1e-10)
+        for record in (r0, r1):
+            assert torch.allclose(record["centers"][step], centers[step], atol=1e-12)
+    grads = [p.grad for p in single.parameters() if p.requires_grad]
+    for record in (r0, r1):
+        for got, want in zip(record["grads"], grads, strict=True):
+            assert torch.allclose(got, want, atol=1e-10)
+    assert not torch.equal(centers[0], torch.zeros_like(centers[0]))

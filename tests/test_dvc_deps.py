@@ -195,7 +195,7 @@ def test_pretraining_never_depends_on_semisupervised_code(stage):
     semisup_stage = STAGES[next(n for n in STAGES if n.startswith("semisup@"))]
     semisup_files = {module_file(m).relative_to(REPO).as_posix() for m in import_closure(stage_module(semisup_stage))
                      if SEMISUP_NAME.search(m.removeprefix("lowlabel"))}
-    assert {"src/lowlabel/methods/semisup.py", "src/lowlabel/train/semisup.py", "src/lowlabel/methods/freematch.py"} <= semisup_files
+    assert {"src/lowlabel/methods/semisup/fixmatch.py", "src/lowlabel/train/semisup.py", "src/lowlabel/methods/semisup/freematch.py"} <= semisup_files
     imported = sorted(m for m in import_closure(stage_module(STAGES[stage])) if SEMISUP_NAME.search(m.removeprefix("lowlabel")))
     assert not imported, f"{stage} imports semi-supervised modules: {imported}"
     listed = sorted(f for f in semisup_files if covered(f, dep_paths(STAGES[stage])))
@@ -203,10 +203,10 @@ def test_pretraining_never_depends_on_semisupervised_code(stage):
 
 
 def test_the_preflight_table_agrees_with_the_semisup_registry():
-    """Preflight (run by pretrain too) reads which methods need unlabeled images from a table
-    that imports no semi-supervised code; it must say what the methods themselves say."""
-    from lowlabel.methods import SEMISUP_USES_UNLABELED
-    from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+    """Preflight (run by pretrain too) reads which methods need unlabeled images from a table in
+    lowlabel.config, which imports no semi-supervised code; it must say what the methods say."""
+    from lowlabel.config import SEMISUP_USES_UNLABELED
+    from lowlabel.methods.semisup import SEMISUP_REGISTRY
 
     assert {name: spec.uses_unlabeled for name, spec in SEMISUP_REGISTRY.items()} == SEMISUP_USES_UNLABELED
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowlabel.methods.losses import (
+from lowlabel.methods.semisup.losses import (
     fairness_loss,
     masked_cross_entropy,
-    nt_xent_loss,
     pseudo_labels,
     self_adaptive_thresholds,
 )
+from lowlabel.methods.ssl.losses import nt_xent_loss
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -102,7 +102,7 @@ def test_masked_cross_entropy_by_hand():
 
 
 def test_sharpen_by_hand():
-    from lowlabel.methods.losses import sharpen
+    from lowlabel.methods.semisup.losses import sharpen
 
     p = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
     t = 0.5
@@ -124,13 +124,13 @@ def test_sharpen_by_hand():
     ],
 )
 def test_tsa_threshold_at_given_steps(schedule, step, expected):
-    from lowlabel.methods.losses import tsa_threshold
+    from lowlabel.methods.semisup.losses import tsa_threshold
 
     assert tsa_threshold(schedule, step, 100, num_classes=5) == pytest.approx(expected)
 
 
 def test_tsa_cross_entropy_drops_confident_samples():
-    from lowlabel.methods.losses import tsa_cross_entropy
+    from lowlabel.methods.semisup.losses import tsa_cross_entropy
 
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64))
     targets = torch.tensor([0, 1, 0])
@@ -140,7 +140,7 @@ def test_tsa_cross_entropy_drops_confident_samples():
 
 
 def test_kl_consistency_by_hand():
-    from lowlabel.methods.losses import kl_consistency, sharpen
+    from lowlabel.methods.semisup.losses import kl_consistency, sharpen
 
     weak = torch.tensor([[0.9, 0.1], [0.55, 0.45]], dtype=torch.float64)
     strong = torch.log(torch.tensor([[0.7, 0.3], [0.5, 0.5]], dtype=torch.float64))
@@ -152,7 +152,7 @@ def test_kl_consistency_by_hand():
 
 
 def test_align_distribution_by_hand():
-    from lowlabel.methods.losses import align_distribution
+    from lowlabel.methods.semisup.losses import align_distribution
 
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
     model_mean = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)

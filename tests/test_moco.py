@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import infonce_loss
-from lowlabel.methods.moco import MoCo, default_queue_size
+from lowlabel.methods.ssl.losses import infonce_loss
+from lowlabel.methods.ssl.moco import MoCo, default_queue_size
 
 
 def infonce_reference(q, k, queue, t):

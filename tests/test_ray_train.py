@@ -256,6 +256,25 @@ def test_more_ssl_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlf
         assert any(key.startswith("momentum_branch.") for key in state["model"])
 
 
+@pytest.mark.parametrize("augment", ["cpu", "device"])
+def test_dino_multi_crop_trains_as_a_two_worker_job(ray_local, tiny_prepared, mlflow_uri, tmp_path, augment):
+    """2 global views at 16 px + 2 local ones at 8 px, on both augment paths; a globally pooled
+    encoder (Conv-4's features change width with the input size)."""
+    _, run_id = new_run(mlflow_uri)
+    kwargs = {"proj_hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 32, "momentum": 0.9, "local_crops": 2, "local_crop_size": 8}
+    config = pretrain_config(tiny_prepared, mlflow_uri, run_id, epochs=1) | {
+        "label": "test-dino", "method": "dino", "method_kwargs": kwargs, "arch": "wrn10_1", "augment": augment,
+    }
+    state = final_state(
+        run_training_job(pretrain_loop, config, name=f"dino-{augment}", workers=2, use_gpu=False, cpus_per_worker=1, storage_path=str(tmp_path / "ray"))
+    )
+    assert [h["epoch"] for h in state["history"]] == [0, 1]
+    assert math.isfinite(state["history"][1]["loss"]) and 0 <= state["history"][1]["knn_acc"] <= 1
+    # 5 steps: the centre moved off zero, the teacher's temperature along its warm-up.
+    assert state["model"]["center"].abs().sum() > 0
+    assert float(state["model"]["teacher_temp"]) > 0.04
+
+
 @pytest.mark.parametrize(
     "method, augment, kwargs",
     [

@@ -36,14 +36,14 @@ def test_fewshot_feature_norms_and_distances() -> None:
 
 
 def test_pretrain_methods() -> None:
-    from lowlabel.methods import PRETRAIN_METHODS
+    from lowlabel.methods.ssl import PRETRAIN_METHODS
 
     assert tuple(PRETRAIN_METHODS) == config.PRETRAIN_METHODS
 
 
 def test_semisup_methods() -> None:
-    from lowlabel.methods import SEMISUP_USES_UNLABELED
-    from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+    from lowlabel.config import SEMISUP_USES_UNLABELED
+    from lowlabel.methods.semisup import SEMISUP_REGISTRY
 
     assert set(SEMISUP_REGISTRY) == set(config.SEMISUP_METHODS)
     assert set(SEMISUP_USES_UNLABELED) == set(config.SEMISUP_METHODS)

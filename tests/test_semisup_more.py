@@ -12,9 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import linear_rampup, sigmoid_rampup, softmax_mse
-from lowlabel.methods.mixing import cutmix, mix_targets, mixed_cross_entropy, mixup, soft_cross_entropy
-from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+from lowlabel.methods.semisup import SEMISUP_REGISTRY
+from lowlabel.methods.semisup.losses import linear_rampup, sigmoid_rampup, softmax_mse
+from lowlabel.methods.semisup.mixing import (
+    cutmix,
+    mix_targets,
+    mixed_cross_entropy,
+    mixup,
+    soft_cross_entropy,
+)
 
 
 def toy_model() -> nn.Module:
@@ -178,7 +184,7 @@ MM = dict(temperature=0.5, mix_alpha=0.75, lambda_u=100.0, rampup_fraction=0.4, 
 
 
 def test_mixmatch_guesses_are_the_sharpened_mean_over_views_without_gradient():
-    from lowlabel.methods.mixmatch import guess_labels
+    from lowlabel.methods.semisup.mixmatch import guess_labels
 
     model, b = toy_model(), batch()
     guess = guess_labels(model, [b["u_weak"], b["u_strong"]], 0.5)
@@ -212,7 +218,7 @@ def test_mixmatch_loss_by_hand():
 
 
 def test_flexmatch_thresholds_by_hand():
-    from lowlabel.methods.flexmatch import flexmatch_thresholds
+    from lowlabel.methods.semisup.flexmatch import flexmatch_thresholds
 
     selected = torch.tensor([-1, -1, 0, 0, 1, 2, 2, 2])  # sigma = (2, 1, 3), 2 never confident
     beta = torch.tensor([2 / 3, 1 / 3, 1.0])
@@ -226,7 +232,7 @@ def test_flexmatch_thresholds_by_hand():
 
 
 def test_flexmatch_masks_with_the_record_before_the_batch_then_records_it():
-    from lowlabel.methods.flexmatch import LearningEffect
+    from lowlabel.methods.semisup.flexmatch import LearningEffect
 
     model, b = toy_model(), batch()
     effect = LearningEffect(num_unlabeled=20, num_classes=3, threshold=0.4, warmup=True)
@@ -241,7 +247,7 @@ def test_flexmatch_masks_with_the_record_before_the_batch_then_records_it():
 
 
 def test_flexmatch_true_labels_change_nothing_but_the_monitor():
-    from lowlabel.methods.flexmatch import LearningEffect
+    from lowlabel.methods.semisup.flexmatch import LearningEffect
 
     results = []
     for shift in (0, 1):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowlabel.methods.freematch import SelfAdaptiveThreshold
-from lowlabel.methods.losses import align_distribution, self_adaptive_thresholds
-from lowlabel.methods.semisup import DistributionAlignment, prediction_balance
-from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+from lowlabel.methods.semisup import SEMISUP_REGISTRY
+from lowlabel.methods.semisup.base import DistributionAlignment, prediction_balance
+from lowlabel.methods.semisup.freematch import SelfAdaptiveThreshold
+from lowlabel.methods.semisup.losses import align_distribution, self_adaptive_thresholds
 
 UNLABELED_METHODS = ["fixmatch", "uda", "freematch"]
 

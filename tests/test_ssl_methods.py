@@ -11,8 +11,8 @@ from torch import nn
 
 from lowlabel.config import PRETRAIN_METHODS as CONFIG_PRETRAIN_METHODS
 from lowlabel.config import PretrainConfig
-from lowlabel.methods import BYOL, PRETRAIN_METHODS, BarlowTwins, VICReg
-from lowlabel.methods.losses import barlow_twins_loss, byol_loss, vicreg_loss
+from lowlabel.methods.ssl import BYOL, PRETRAIN_METHODS, BarlowTwins, VICReg
+from lowlabel.methods.ssl.losses import barlow_twins_loss, byol_loss, vicreg_loss
 
 
 def randn(*shape, seed=0):
@@ -163,7 +163,7 @@ def test_barlow_twins_and_vicreg_train_the_encoder():
 
 
 def test_rotnet_shows_each_image_in_four_rotations_and_classifies_them():
-    from lowlabel.methods.rotnet import rotated_batch
+    from lowlabel.methods.ssl.rotnet import rotated_batch
 
     x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float64).reshape(2, 1, 3, 3)
     images, labels = rotated_batch(x)

@@ -21,8 +21,21 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0, le=1)]
 
-PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg", "rotnet")
-SEMISUP_METHODS = ("fixmatch", "uda", "freematch", "flexmatch", "mixmatch", "pseudolabel", "meanteacher", "supervised")
+PRETRAIN_METHODS = ("simclr", "moco", "byol", "barlowtwins", "vicreg", "rotnet", "dino")
+# The semi-supervised methods and whether each needs unlabeled images: what the preflight check
+# (run by every training stage, pretrain included) must know of them without importing their
+# code (lowlabel.methods.semisup; a test checks each SemisupMethod's ``uses_unlabeled`` agrees).
+SEMISUP_USES_UNLABELED: dict[str, bool] = {
+    "fixmatch": True,
+    "uda": True,
+    "freematch": True,
+    "flexmatch": True,
+    "mixmatch": True,
+    "pseudolabel": True,
+    "meanteacher": True,
+    "supervised": False,
+}
+SEMISUP_METHODS = tuple(SEMISUP_USES_UNLABELED)
 META_METHODS = ("protonet", "matchingnet", "relationnet", "maml", "reptile")
 # finetune needs the encoder, not cached embeddings, and is slow on CPU: never a default.
 # lowlabel.fewshot.protocol.HEAD_NAMES (the heads registry + finetune) names the same (a test checks).
@@ -150,7 +163,7 @@ class MoCoConfig(_Section):
     temperature: PositiveFloat = 0.2
     proj_hidden_dim: PositiveInt = 512
     proj_dim: PositiveInt = 128
-    # Keys in the memory queue; null: sized to the data (see lowlabel.methods.moco.default_queue_size).
+    # Keys in the memory queue; null: sized to the data (see lowlabel.methods.ssl.moco.default_queue_size).
     queue_size: PositiveInt | None = None
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
     # Cosine schedule of the momentum up to this value (null: constant momentum).
@@ -203,6 +216,41 @@ class RotNetConfig(_Section):
     # Hidden width of the rotation classifier on the encoder's features.
     hidden_dim: PositiveInt = 256
 
+
+class DINOConfig(_Section):
+    # Head: 3-layer MLP to a bottleneck, L2-normalised, weight-normalised linear to out_dim.
+    proj_hidden_dim: PositiveInt = 512
+    bottleneck_dim: PositiveInt = 128
+    out_dim: PositiveInt = 4096
+    student_temp: PositiveFloat = 0.1
+    # The teacher's temperature, linear from warmup_teacher_temp over the first
+    # warmup_teacher_temp_fraction of the steps (the paper: 0.04 -> 0.07 over 30 of 100 epochs).
+    teacher_temp: PositiveFloat = 0.07
+    warmup_teacher_temp: PositiveFloat = 0.04
+    warmup_teacher_temp_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    # EMA of the teacher's batch-mean output (over the global batch) that centres its outputs.
+    center_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    # Teacher momentum, raised to momentum_final on a cosine over training (the paper: 0.996 -> 1).
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    momentum_final: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Multi-crop: 2 global views at the image size + local_crops views at local_crop_size px.
+    # The encoder must give the same features at both sizes (Conv-4: both in one 16 px band,
+    # e.g. 16 px locals of 28 px images; WRN/ResNet/timm pool globally): checked at the start.
+    local_crops: Annotated[int, Field(ge=0)] = 6
+    local_crop_size: PositiveInt = 16
+    global_crop_scale: tuple[Probability, Probability] = (0.4, 1.0)
+    local_crop_scale: tuple[Probability, Probability] = (0.05, 0.4)
+
+    @model_validator(mode="after")
+    def _orders(self) -> DINOConfig:
+        if self.momentum_final < self.momentum:
+            raise ValueError(f"momentum_final ({self.momentum_final}) must be >= momentum ({self.momentum})")
+        for name in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
+        return self
+
 class PretrainConfig(_Section):
     methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr", "moco"])  # type: ignore[valid-type]
     epochs: PositiveInt = 2
@@ -221,6 +269,7 @@ class PretrainConfig(_Section):
     barlowtwins: BarlowTwinsConfig = BarlowTwinsConfig()
     vicreg: VICRegConfig = VICRegConfig()
     rotnet: RotNetConfig = RotNetConfig()
+    dino: DINOConfig = DINOConfig()
 
     @model_validator(mode="after")
     def _crop(self) -> PretrainConfig:

@@ -108,7 +108,7 @@ def pretrain_job(params: Params, method: str, num_images: int, inputs: tuple[str
     kwargs = getattr(cfg, method).model_dump()
     if method == "moco" and kwargs["queue_size"] is None:
         # Imported here: the meta and semisup jobs built in this module need no SSL method code.
-        from lowlabel.methods.moco import default_queue_size
+        from lowlabel.methods.ssl.moco import default_queue_size
 
         kwargs["queue_size"] = default_queue_size(num_images, cfg.batch_size)
     config = {

@@ -10,10 +10,9 @@ worker or in the fewshot stage after every training stage has run. So does a
 
 from __future__ import annotations
 
-from lowlabel.config import Params
+from lowlabel.config import SEMISUP_USES_UNLABELED, Params
 from lowlabel.data.prepared import PreparedData
 from lowlabel.errors import UserError
-from lowlabel.methods import SEMISUP_USES_UNLABELED
 
 
 class PreflightError(UserError, ValueError):

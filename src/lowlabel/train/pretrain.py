@@ -1,7 +1,8 @@
 """Self-supervised pretraining loop, run by each Ray Train worker.
 
 Each worker reads its own shard of the unlabeled base-class images (a memory map, so only
-its rows are touched), makes two augmented views per image, and steps the method under DDP.
+its rows are touched), makes the method's augmented views of each image (two alike for most;
+2 global + N smaller local ones for multi-crop DINO), and steps the method under DDP.
 Every ``eval_every`` epochs rank 0 measures kNN accuracy of the frozen encoder on the
 base-class test images (labels used for monitoring only). State is checkpointed every epoch.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray.train.torch
 import torch
@@ -22,7 +24,8 @@ from lowlabel.data.datasets import ImagesDataset, ViewsDataset
 from lowlabel.data.prepared import PreparedData
 from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
-from lowlabel.methods import PRETRAIN_METHODS
+from lowlabel.methods.ssl import PRETRAIN_METHODS
+from lowlabel.methods.ssl.base import ViewSpec
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.runner.inputs import open_data
 from lowlabel.runner.job_config import PretrainJob
@@ -30,12 +33,45 @@ from lowlabel.runner.worker import WorkerContext, check_finite, maybe_inject_fau
 from lowlabel.train.loop import TrainingFrame
 from lowlabel.train.optim import build_optimizer
 
+V = TypeVar("V")
+
 
 def epochs_for(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
     """``epochs``, or as many more whole epochs as reach ``min_steps`` optimiser steps: an epoch
     budget alone gives a small image folder almost no training (31 SimCLR steps for 4k images at
     2 epochs)."""
     return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
+def build_views(specs: list[ViewSpec], make: Callable[[int, tuple[float, float]], V]) -> list[V]:
+    """One view per spec, ``make(size, crop_scale)`` called once per distinct spec (a method's
+    identical views share one object, as they always have)."""
+    made: dict[ViewSpec, V] = {}
+    for spec in specs:
+        if spec not in made:
+            made[spec] = make(spec.size, tuple(spec.crop_scale))
+    return [made[spec] for spec in specs]
+
+
+def check_view_sizes(encoder: torch.nn.Module, in_chans: int, image_size: int, specs: list[ViewSpec], arch: str) -> None:
+    """Views of several sizes (multi-crop) need an encoder whose features do not depend on the
+    input size: globally pooled ones (WRN, ResNet, timm) do; Conv-4 flattens its last map, so
+    its width changes with the size (the same only within one 16 px band: 16-31 px, 32-47 px...)."""
+    sizes = sorted({spec.size for spec in specs})
+    if sizes == [image_size]:
+        return
+    dims = {}
+    for size in sizes:
+        try:
+            dims[size] = feature_dim(encoder, in_chans, size)
+        except RuntimeError as error:  # a map pooled away to nothing
+            dims[size] = f"none ({str(error).splitlines()[0]})"
+    if len(set(dims.values())) > 1:
+        raise ValueError(
+            f"encoder.arch={arch!r} gives features of different widths at this method's view sizes {dims} (px: width): "
+            "multi-crop needs a size-agnostic (globally pooled) encoder such as wrn28_2 or resnet18_cifar, "
+            "or, for conv4, local crops in the image size's 16 px band (e.g. 16 px locals of 28 px images)"
+        )
 
 
 def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData, k: int, bank_size: int | None, seed: int) -> float:
@@ -55,14 +91,17 @@ def pretrain_loop(config: dict[str, Any]) -> None:
 
     # runtime.augment: views made per image in the DataLoader (cpu), or per batch here on ctx.device
     # from the uint8 images the DataLoader yields (device; seeded per (seed, epoch, step, rank, view)).
-    device_view = None
-    recipe = dict(crop_scale=tuple(job.crop_scale))
+    # The method's view recipes: num_views alike by default, several sizes for multi-crop (DINO).
+    specs = method.view_specs(data.image_size, tuple(job.crop_scale))
+    check_view_sizes(encoder, data.in_chans, data.image_size, specs, job.arch)
+    device_views = None
     if device_augment.resolve_augment(job.augment, ctx.device) == "device":
-        device_view = device_augment.contrastive_view(data.image_size, data.in_chans, data.mean, data.std, **recipe).to(ctx.device)
+        device_views = build_views(specs, lambda size, scale: device_augment.contrastive_view(
+            size, data.in_chans, data.mean, data.std, crop_scale=scale).to(ctx.device))
         dataset = ImagesDataset(data.train_images, data.split.pretrain)
     else:
-        view = contrastive_view(data.image_size, data.in_chans, data.mean, data.std, **recipe)
-        dataset = ViewsDataset(data.train_images, data.split.pretrain, [view] * method.num_views, seed=job.seed)
+        views = build_views(specs, lambda size, scale: contrastive_view(size, data.in_chans, data.mean, data.std, crop_scale=scale))
+        dataset = ViewsDataset(data.train_images, data.split.pretrain, views, seed=job.seed)
     per_worker = job.batch_size // ctx.world_size
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=job.seed, drop_last=True)
     loader = DataLoader(
@@ -85,7 +124,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         extra_state=lambda: {"encoder": method.encoder.state_dict()},
     )
     # runtime.augment: auto resolves per device; the run says what it resolved to.
-    frame.logger.tag({"lowlabel.augment": "device" if device_view is not None else "cpu"})
+    frame.logger.tag({"lowlabel.augment": "device" if device_views is not None else "cpu"})
 
     def knn() -> float:
         return knn_monitor(ctx, method.encoder, data, job.knn_k, job.knn_bank_size, job.seed)
@@ -106,12 +145,12 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             if step >= steps_per_epoch:
                 break
             maybe_inject_fault(job, ctx, epoch + 1, step)
-            if device_view is None:
+            if device_views is None:
                 views = [ctx.to_device(v) for v in batch[:-1]]
             else:
                 images = batch[0].to(ctx.device, non_blocking=True)
-                seeds = [device_augment.batch_seed(job.seed, epoch, step, ctx.rank, v) for v in range(method.num_views)]
-                views = [ctx.to_device(device_view(images, s)) for s in seeds]
+                seeds = [device_augment.batch_seed(job.seed, epoch, step, ctx.rank, v) for v in range(len(device_views))]
+                views = [ctx.to_device(view(images, s)) for view, s in zip(device_views, seeds)]
             with ctx.autocast():
                 loss = model(views)["loss"]
             check_finite(loss, epoch + 1, step)

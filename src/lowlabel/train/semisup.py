@@ -25,7 +25,7 @@ from lowlabel.data.prepared import PreparedData
 from lowlabel.data.samplers import BalancedSampler, ShardedCycleSampler
 from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features
-from lowlabel.methods.semisup_registry import SEMISUP_REGISTRY
+from lowlabel.methods.semisup import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier, fit_linear_head
 from lowlabel.runner.inputs import open_data, open_init_encoder

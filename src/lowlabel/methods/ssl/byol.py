@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowlabel.methods.base import MomentumSSLMethod
-from lowlabel.methods.losses import byol_loss
+from lowlabel.methods.ssl.base import MomentumSSLMethod
+from lowlabel.methods.ssl.losses import byol_loss
 from lowlabel.models.heads import mlp
 
 

@@ -1,11 +1,13 @@
-"""Semi-supervised objectives over a classifier: each one function of a batch.
+"""What every semi-supervised method shares: the step signature (:class:`SemisupMethod`), the
+weak-view target (labelled by the student or by a teacher, optionally aligned), the running
+statistics helpers (distribution alignment, running means reduced over workers) and the stats
+every method with unlabeled data logs.
 
-The reusable pieces live in one place: pure losses (pseudo-labelling with a confidence
-threshold, masked cross-entropy, sharpening, distribution alignment) in ``losses``; here the
-weak-view target (labelled by the student or by a teacher, optionally aligned), shared by
-every method. The EMA teacher is timm's ``ModelEmaV3``, held by the training loop. A method
-is a :class:`SemisupMethod`: a step mapping (model, labeled batch, unlabeled views) to a dict
-of losses/stats, and the running statistics it keeps (modules the loop checkpoints).
+A method is a :class:`SemisupMethod`, one module each in this package: a step mapping (model,
+labeled batch, unlabeled views) to a dict of losses/stats, and the running statistics it keeps
+(modules the loop checkpoints). Pure losses (pseudo-labelling with a confidence threshold,
+masked cross-entropy, sharpening, distribution alignment) are in ``losses``, batch mixing in
+``mixing``. The EMA teacher is timm's ``ModelEmaV3``, held by the training loop.
 """
 
 from __future__ import annotations
@@ -15,19 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.distributed import all_reduce_mean
-from lowlabel.methods.losses import (
-    align_distribution,
-    kl_consistency,
-    masked_cross_entropy,
-    pseudo_labels,
-    tsa_cross_entropy,
-    tsa_threshold,
-)
-from lowlabel.methods.mixing import cutmix, mixed_cross_entropy, mixup, torch_seeded_rng
+from lowlabel.methods.semisup.losses import align_distribution
 
 
 @torch.no_grad()
@@ -55,20 +48,6 @@ class DistributionAlignment(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         update_running_mean_(self.model_mean, probs.float().mean(dim=0), self.momentum)
         return align_distribution(probs, self.model_mean)
-
-
-def supervised_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix: str = "none", mix_alpha: float = 1.0, **_
-) -> dict[str, torch.Tensor]:
-    """The baseline: cross-entropy on the labeled batch alone, optionally on its mixup or CutMix
-    pairs. The mixing draws come from the worker's seeded torch stream, so a seed repeats them."""
-    if mix == "none":
-        loss = F.cross_entropy(model(x), y)
-        return {"loss": loss, "loss_sup": loss.detach()}
-    rng = torch_seeded_rng()
-    mixed, lam, perm = {"mixup": mixup, "cutmix": cutmix}[mix](x, mix_alpha, rng)
-    loss = mixed_cross_entropy(model(mixed), y, lam, perm)
-    return {"loss": loss, "loss_sup": loss.detach(), "mix_lambda": torch.tensor(lam)}
 
 
 def weak_targets(
@@ -131,61 +110,6 @@ def unlabeled_report(
     }
 
 
-def fixmatch_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    u_weak: torch.Tensor,
-    u_strong: torch.Tensor,
-    u_true: torch.Tensor,
-    threshold: float,
-    lambda_u: float,
-    teacher: nn.Module | None = None,
-    aligner: DistributionAlignment | None = None,
-    **_,
-) -> dict[str, torch.Tensor]:
-    """FixMatch (Sohn et al. 2020): CE(strong view, pseudo-label of weak view) where confident.
-
-    ``u_true`` (the unlabeled samples' real labels, or -1) is used for monitoring only:
-    it never enters a loss.
-    """
-    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner)
-    loss_sup = F.cross_entropy(logits_x, y)
-    targets, mask = pseudo_labels(weak_probs, threshold)
-    loss_unsup = masked_cross_entropy(logits_strong, targets, mask)
-    return {"loss": loss_sup + lambda_u * loss_unsup, **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true)}
-
-
-def uda_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    u_weak: torch.Tensor,
-    u_strong: torch.Tensor,
-    u_true: torch.Tensor,
-    threshold: float,
-    lambda_u: float,
-    temperature: float,
-    tsa: str,
-    step: int,
-    total_steps: int,
-    teacher: nn.Module | None = None,
-    aligner: DistributionAlignment | None = None,
-    **_,
-) -> dict[str, torch.Tensor]:
-    """UDA (Xie et al. 2020): TSA-masked supervised CE + confidence-masked KL consistency
-    between the sharpened weak-view prediction and the strong view."""
-    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner)
-    eta = tsa_threshold(tsa, step, total_steps, logits_x.shape[1])
-    loss_sup = tsa_cross_entropy(logits_x, y, eta)
-    loss_unsup, mask = kl_consistency(weak_probs, logits_strong, temperature, threshold)
-    return {
-        "loss": loss_sup + lambda_u * loss_unsup,
-        **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true),
-        "tsa_threshold": torch.tensor(eta),
-    }
-
-
 def no_state(num_classes: int, method_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
     return {}
 
@@ -215,8 +139,3 @@ class SemisupMethod:
     # The step also gets u_index (the images' positions in the unlabeled split) and make_state
     # gets num_unlabeled in its kwargs: for per-image records (FlexMatch).
     uses_index: bool = False
-
-
-SUPERVISED = SemisupMethod(supervised_step, uses_unlabeled=False)
-FIXMATCH = SemisupMethod(fixmatch_step, uses_unlabeled=True, make_state=weak_view_state)
-UDA = SemisupMethod(uda_step, uses_unlabeled=True, make_state=weak_view_state)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.base import SSLMethod
+from lowlabel.methods.ssl.base import SSLMethod
 from lowlabel.models.heads import mlp
 
 ROTATIONS = 4

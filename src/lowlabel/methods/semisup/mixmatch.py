@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import linear_rampup, sharpen
-from lowlabel.methods.mixing import mix_targets, mixup, soft_cross_entropy, torch_seeded_rng
-from lowlabel.methods.semisup import SemisupMethod, unlabeled_report
+from lowlabel.methods.semisup.base import SemisupMethod, unlabeled_report
+from lowlabel.methods.semisup.losses import linear_rampup, sharpen
+from lowlabel.methods.semisup.mixing import mix_targets, mixup, soft_cross_entropy, torch_seeded_rng
 
 
 def guess_labels(model: nn.Module, views: list[torch.Tensor], temperature: float) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import sigmoid_rampup, softmax_mse
-from lowlabel.methods.semisup import SemisupMethod, unlabeled_report
+from lowlabel.methods.semisup.base import SemisupMethod, unlabeled_report
+from lowlabel.methods.semisup.losses import sigmoid_rampup, softmax_mse
 
 
 def mean_teacher_step(

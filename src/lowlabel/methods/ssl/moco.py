@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, world_size
-from lowlabel.methods.base import MomentumSSLMethod
-from lowlabel.methods.losses import infonce_loss
+from lowlabel.methods.ssl.base import MomentumSSLMethod
+from lowlabel.methods.ssl.losses import infonce_loss
 
 
 def default_queue_size(num_images: int, global_batch: int, cap: int = 16384) -> int:

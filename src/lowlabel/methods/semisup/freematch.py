@@ -16,19 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import (
-    fairness_loss,
-    masked_cross_entropy,
-    pseudo_labels,
-    self_adaptive_thresholds,
-)
-from lowlabel.methods.semisup import (
+from lowlabel.methods.semisup.base import (
     SemisupMethod,
     prediction_shares,
     unlabeled_report,
     update_running_mean_,
     weak_targets,
     weak_view_state,
+)
+from lowlabel.methods.semisup.losses import (
+    fairness_loss,
+    masked_cross_entropy,
+    pseudo_labels,
+    self_adaptive_thresholds,
 )
 
 

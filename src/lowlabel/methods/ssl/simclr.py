@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from lowlabel.distributed import gathers
-from lowlabel.methods.base import SSLMethod
-from lowlabel.methods.losses import nt_xent_loss
+from lowlabel.methods.ssl.base import SSLMethod
+from lowlabel.methods.ssl.losses import nt_xent_loss
 from lowlabel.models.heads import projection_mlp
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlabel.methods.losses import linear_rampup, masked_cross_entropy, pseudo_labels
-from lowlabel.methods.semisup import SemisupMethod, unlabeled_report
+from lowlabel.methods.semisup.base import SemisupMethod, unlabeled_report
+from lowlabel.methods.semisup.losses import linear_rampup, masked_cross_entropy, pseudo_labels
 
 
 def pseudo_label_step(

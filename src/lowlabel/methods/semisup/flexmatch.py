@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.distributed import gather_no_grad
-from lowlabel.methods.losses import masked_cross_entropy, pseudo_labels
-from lowlabel.methods.semisup import SemisupMethod, unlabeled_report, weak_targets, weak_view_state
+from lowlabel.methods.semisup.base import SemisupMethod, unlabeled_report, weak_targets, weak_view_state
+from lowlabel.methods.semisup.losses import masked_cross_entropy, pseudo_labels
 
 
 def flexmatch_thresholds(selected: torch.Tensor, num_classes: int, tau: float, warmup: bool = True) -> torch.Tensor:

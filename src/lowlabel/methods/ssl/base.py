@@ -3,7 +3,7 @@
 A method owns the encoder plus whatever heads it needs, turns a list of augmented views
 into a loss in :meth:`training_step`, and may update non-gradient state after the
 optimiser step (momentum encoders, queues). Adding a method is one new module that
-subclasses this and registers itself in ``lowlabel.methods.PRETRAIN_METHODS``.
+subclasses this and registers itself in ``lowlabel.methods.ssl.PRETRAIN_METHODS``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,30 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+
+class ViewSpec(NamedTuple):
+    """One augmented view of every image: its side in px and its crop's area scale (low, high)."""
+
+    size: int
+    crop_scale: tuple[float, float]
+
+
+def multi_crop(
+    image_size: int,
+    global_scale: tuple[float, float],
+    local_crops: int,
+    local_size: int,
+    local_scale: tuple[float, float],
+    global_crops: int = 2,
+) -> list[ViewSpec]:
+    """Multi-crop (Caron et al. 2020, SwAV; DINO): ``global_crops`` views at the image size from
+    large crops, then ``local_crops`` views at ``local_size`` px from small ones (global first)."""
+    return [ViewSpec(image_size, tuple(global_scale))] * global_crops + [ViewSpec(local_size, tuple(local_scale))] * local_crops
 
 
 class SSLMethod(nn.Module, ABC):
@@ -25,6 +45,13 @@ class SSLMethod(nn.Module, ABC):
         super().__init__()
         self.encoder = encoder
         self.feat_dim = feat_dim
+
+    def view_specs(self, image_size: int, crop_scale: tuple[float, float]) -> list[ViewSpec]:
+        """The views the loop makes of every image, in the order :meth:`training_step` gets them:
+        (output size in px, random-resized-crop area scale) each, all with the contrastive recipe.
+        Default: ``num_views`` alike, at the image size and ``pretrain.crop_scale``; multi-crop
+        methods (DINO) override it with views of several sizes."""
+        return [ViewSpec(image_size, tuple(crop_scale))] * self.num_views
 
     @abstractmethod
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
