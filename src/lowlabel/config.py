@@ -71,6 +71,19 @@ class DataConfig(_Section):
     on_corrupt: Literal["skip", "error"] = "skip"
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     glyphs: GlyphsConfig = GlyphsConfig()
+    # imagefolder decoding in prepare: worker processes (a count, or "auto": the CPUs prepare may
+    # use) and images per decode task. Prepare holds at most 2 x workers x chunk decoded images in
+    # memory, whatever the dataset's size; the output does not depend on either. exclude=True: not
+    # in model_dump, so they do not enter the params hash that names training runs (runner.jobs).
+    decode_workers: int | Literal["auto"] = Field(default="auto", exclude=True)
+    decode_chunk: Annotated[int, Field(gt=0, le=65536)] = Field(default=128, exclude=True)
+
+    @field_validator("decode_workers", mode="before")
+    @classmethod
+    def _decode_workers(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("must be a positive integer or 'auto' (one decode process per CPU prepare may use)")
 
     @field_validator("novel_classes")
     @classmethod

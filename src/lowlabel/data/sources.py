@@ -12,23 +12,32 @@ import gzip
 import http.client
 import logging
 import math
+import multiprocessing
 import os
 import shutil
+import tempfile
 import urllib.request
 import warnings
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lowlabel.data.prepared import NpyRows, NpyRowWriter
 from lowlabel.errors import UserError
 
 __all__ = [
     "ALLOWED_SOURCES",
     "FASHION_MNIST_CLASSES",
     "DataSourceError",
+    "ImageFolderWritten",
     "RawDataset",
     "load_cifar10",
     "load_fashion_mnist",
@@ -36,6 +45,8 @@ __all__ = [
     "load_source",
     "load_stl10",
     "read_idx",
+    "resolve_decode_workers",
+    "write_imagefolder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -387,22 +398,17 @@ def _stratified_split(
     return np.concatenate(train_idx), np.concatenate(test_idx)
 
 
-def _stack(arrays: list[np.ndarray], hw: tuple[int, int], c: int) -> np.ndarray:
-    if not arrays:
-        return np.empty((0, *hw, c), dtype=np.uint8)
-    return np.stack(arrays)
+@dataclass(frozen=True)
+class _FolderLayout:
+    base: Path
+    class_names: list[str]
+    parts: dict[str, Path]  # "train"/"test" (given split) or "all" (stratified split later)
 
 
-def load_imagefolder(
-    root: str | None,
-    *,
-    image_size: int | None = None,
-    channels: int | None = None,
-    on_corrupt: str = "skip",
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> RawDataset:
-    """Load ``root/<class>/*`` (stratified split) or ``root/{train,test}/<class>/*``."""
+def _imagefolder_layout(
+    root: str | None, *, image_size: int | None, channels: int | None, on_corrupt: str, test_fraction: float, seed: int
+) -> _FolderLayout:
+    """Every check that needs no decoding: settings, root, layout and class folders."""
     _check_image_size(image_size)
     _check_channels(channels)
     if on_corrupt not in ON_CORRUPT_CHOICES:
@@ -455,100 +461,308 @@ def load_imagefolder(
             f"data.root={str(root)!r} has one class folder ({class_names[0]!r}); the pipeline needs at least 2 classes: "
             "base classes to train on and data.novel_classes held out for few-shot"
         )
-
-    # Decode everything once; resizing/conversion happens per image so memory holds only
-    # final-size arrays. With channels unset, gray images stay 1-channel until we know
-    # whether any image is colour (repeating afterwards equals converting first).
-    entries: dict[str, list[tuple[int, str, np.ndarray]]] = {k: [] for k in parts}
-    corrupt: list[tuple[str, str]] = []
-    for part, part_dir in parts.items():
-        for label, name in enumerate(class_names):
-            class_dir = part_dir / name
-            files = _image_files(class_dir)
-            n_ok = 0
-            for path in files:
-                try:
-                    arr = _decode(path, channels, image_size)
-                except Exception as e:
-                    corrupt.append((str(path), f"{type(e).__name__}: {e}"))
-                    continue
-                entries[part].append((label, str(path), arr))
-                n_ok += 1
-            if n_ok == 0 and (on_corrupt == "skip" or not files):
-                exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-                raise DataSourceError(
-                    f"class folder {class_dir} has no readable images "
-                    f"({len(files)} file(s) with extensions {exts}, all unreadable)"
-                    if files else
-                    f"class folder {class_dir} has no images (extensions {exts})"
-                )
-
-    if corrupt:
-        listed = "; ".join(f"{p} ({r})" for p, r in corrupt[:_MAX_LISTED])
-        more = f"; ... and {len(corrupt) - _MAX_LISTED} more" if len(corrupt) > _MAX_LISTED else ""
-        if on_corrupt == "error":
+    if not split_layout:
+        # Checked before decoding too: the split is made once every image is decoded.
+        if isinstance(test_fraction, bool) or not 0.0 < float(test_fraction) < 1.0:
             raise DataSourceError(
-                f"{len(corrupt)} corrupt/unreadable image(s) under data.root={str(root)!r} "
-                f"(data.on_corrupt='error'): {listed}{more}. "
-                "Remove them or set data.on_corrupt: skip"
+                f"data.test_fraction={test_fraction!r} is invalid; expected 0 < test_fraction < 1"
             )
-        msg = (
-            f"skipped {len(corrupt)} corrupt/unreadable image(s) under {base}: "
-            + ", ".join(p for p, _ in corrupt[:_MAX_LISTED]) + (" ..." if more else "")
-        )
-        logger.warning(msg)
-        warnings.warn(msg, stacklevel=3)
+        try:
+            np.random.default_rng([seed, 0])
+        except (ValueError, TypeError) as e:  # e.g. a negative seed
+            raise DataSourceError(f"seed={seed!r} is invalid: {e}") from e
+    return _FolderLayout(base, class_names, parts)
 
-    all_arrays = [a for items in entries.values() for _, _, a in items]
-    n_channels = channels or (3 if any(a.shape[2] == 3 for a in all_arrays) else 1)
-    if image_size is None:
-        sizes: dict[tuple[int, int], str] = {}
-        for items in entries.values():
-            for _, path, a in items:
-                sizes.setdefault(a.shape[:2], path)
+
+# ----------------------------------------------------------------- image folder: streamed decode
+
+DECODE_CHUNK = 128  # images per decode task: data.decode_chunk's default
+_COPY_BYTES = 32 << 20  # rows moved per read when the decoded rows are split / reduced to 1 channel
+
+
+def resolve_decode_workers(workers: int | str) -> int:
+    """``data.decode_workers``: a count, or ``"auto"``: the CPUs this process may run on."""
+    if workers == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # no sched_getaffinity (macOS)
+            return max(1, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise DataSourceError(
+            f"data.decode_workers={workers!r} is invalid; expected a positive integer or 'auto' (the CPUs this process may use)"
+        )
+    return int(workers)
+
+
+_DecodeTask = tuple[list[str], "int | None", "int | None", int]
+_Decoded = tuple["np.ndarray | None", "str | None", bool]  # (stored pixels, None, is colour) or (None, reason, False)
+
+
+def _decode_task(task: _DecodeTask) -> list[_Decoded]:
+    """Decode one chunk of files (in a pool worker or in-process). Gray images are repeated to
+    ``store_channels`` (3 while the channel count is not yet known: repeating equals converting)."""
+    paths, channels, image_size, store_channels = task
+    out: list[_Decoded] = []
+    for path in paths:
+        try:
+            arr = _decode(Path(path), channels, image_size)
+        except Exception as e:  # any decoder failure marks the file unreadable
+            out.append((None, f"{type(e).__name__}: {e}", False))
+            continue
+        colour = arr.shape[2] == 3
+        if arr.shape[2] != store_channels:
+            arr = np.repeat(arr, store_channels, axis=2)
+        out.append((arr, None, colour))
+    return out
+
+
+def _in_order(pool: ProcessPoolExecutor, tasks: Iterator[_DecodeTask], window: int) -> Iterator[_Decoded]:
+    """Results in task order with at most ``window`` tasks submitted and not yet consumed: the
+    memory held is window x decode_chunk decoded images, whatever the number of files."""
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(_decode_task, task))
+            if len(pending) >= window:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise DataSourceError(
+            f"an image decode worker died ({e}); if the machine ran out of memory, lower "
+            "data.decode_workers or data.decode_chunk"
+        ) from e
+
+
+@contextmanager
+def _decoded(
+    paths: Iterator[str], n_files: int, *, channels: int | None, image_size: int | None, store_channels: int, workers: int, chunk: int
+) -> Iterator[Iterator[_Decoded]]:
+    """Per-file decode results for the ``n_files`` paths, in order, whatever the number of workers."""
+    tasks = (
+        ([next(paths) for _ in range(min(chunk, n_files - start))], channels, image_size, store_channels)
+        for start in range(0, n_files, chunk)
+    )
+    if workers <= 1 or n_files <= chunk:
+        yield (item for task in tasks for item in _decode_task(task))
+        return
+    # fork where there is one: the workers start with the modules already loaded (spawn and
+    # forkserver would import the calling stage again, MLflow included, in every worker).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
+        yield _in_order(pool, tasks, window=2 * workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class ImageFolderWritten:
+    """What :func:`write_imagefolder` wrote: the arrays are in its folder, not here."""
+
+    class_names: list[str]
+    skipped: list[tuple[str, str]]  # (path, reason), in file order
+    train_count: int
+    test_count: int
+    image_shape: tuple[int, int, int]  # (H, W, C)
+
+
+def _copy_rows(src: NpyRows, routes: list[tuple[NpyRowWriter, np.ndarray | None]], channels: int) -> None:
+    """Move ``src``'s rows, a bounded block at a time, to each writer whose mask selects them
+    (None: every row), keeping the first ``channels`` channels (gray stored as 3 repeats)."""
+    step = max(1, _COPY_BYTES // max(1, src._row_bytes))
+    for start in range(0, len(src), step):
+        block = src[start : start + step]
+        if block.shape[-1] != channels:
+            block = block[..., :channels]
+        for writer, mask in routes:
+            writer.write(block if mask is None else block[mask[start : start + step]])
+
+
+def write_imagefolder(
+    root: str | None,
+    folder: Path,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    on_corrupt: str = "skip",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    decode_workers: int | str = 1,
+    decode_chunk: int = DECODE_CHUNK,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> ImageFolderWritten:
+    """Decode ``root/<class>/*`` (stratified split) or ``root/{train,test}/<class>/*`` into
+    ``folder``/{train,test}_{images,labels}.npy, the same bytes ``np.save`` writes for the arrays
+    :func:`load_imagefolder` returns.
+
+    Streamed: ``decode_workers`` processes decode ``decode_chunk`` files per task, in file order,
+    and each image is written to a preallocated .npy on disk as it comes, so memory holds at most
+    2 x decode_workers x decode_chunk decoded images, never the dataset. Unreadable files leave no
+    row (the file is truncated at the end). The flat layout's split needs every label first, so
+    its images go to a temporary file in ``folder`` and are then moved, a bounded block at a time,
+    into the train and test files; so are gray images stored as 3 channels until the end shows
+    that no image has colour. ``progress(done, total, skipped)`` is called after every chunk.
+    """
+    layout = _imagefolder_layout(
+        root, image_size=image_size, channels=channels, on_corrupt=on_corrupt, test_fraction=test_fraction, seed=seed
+    )
+    workers = resolve_decode_workers(decode_workers)
+    if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, (int, np.integer)) or decode_chunk < 1:
+        raise DataSourceError(f"data.decode_chunk={decode_chunk!r} is invalid; expected a positive integer (images per decode task)")
+    folder = Path(folder)
+    base, class_names = layout.base, layout.class_names
+    # File names only (short strings): a Path per file of a large folder would be the largest
+    # thing prepare holds in memory, and each forked decode worker would count it again.
+    classes = [
+        (part, label, part_dir / name, [path.name for path in _image_files(part_dir / name)])
+        for part, part_dir in layout.parts.items()
+        for label, name in enumerate(class_names)
+    ]
+    n_files = sum(len(files) for *_, files in classes)
+    paths = (str(class_dir / name) for _, _, class_dir, files in classes for name in files)
+    capacity = {part: sum(len(files) for p, _, _, files in classes if p == part) for part in layout.parts}
+    store_channels = channels or 3
+    decoded = {part: folder / f".decoded-{part}.npy" for part in layout.parts}
+    writers: dict[str, NpyRowWriter] = {}
+    labels: dict[str, list[int]] = {part: [] for part in layout.parts}
+    corrupt: list[tuple[str, str]] = []
+    sizes: dict[tuple[int, int], str] = {}  # first file of each decoded size (image_size unset)
+    hw = (image_size, image_size) if image_size is not None else None
+    any_colour = False
+    done = 0
+    try:
+        with _decoded(
+            paths, n_files, channels=channels, image_size=image_size, store_channels=store_channels,
+            workers=min(workers, -(-n_files // decode_chunk)), chunk=int(decode_chunk),
+        ) as results:
+            for part, label, class_dir, files in classes:
+                n_ok = 0
+                for file_name in files:
+                    path = class_dir / file_name
+                    arr, reason, colour = next(results)
+                    done += 1
+                    if progress is not None and (done % decode_chunk == 0 or done == n_files):
+                        progress(done, n_files, len(corrupt) + (arr is None))
+                    if arr is None:
+                        corrupt.append((str(path), str(reason)))
+                        continue
+                    n_ok += 1
+                    any_colour |= colour
+                    if image_size is None:
+                        sizes.setdefault(arr.shape[:2], str(path))
+                    if hw is None:
+                        hw = arr.shape[:2]
+                    if arr.shape[:2] != hw:
+                        continue  # mixed sizes: reported below, after the unreadable files
+                    if not writers:
+                        writers = {p: NpyRowWriter(decoded[p], capacity[p], (*hw, store_channels)) for p in layout.parts}
+                    writers[part].write(arr[None])
+                    labels[part].append(label)
+                if n_ok == 0 and (on_corrupt == "skip" or not files):
+                    exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+                    raise DataSourceError(
+                        f"class folder {class_dir} has no readable images "
+                        f"({len(files)} file(s) with extensions {exts}, all unreadable)"
+                        if files else
+                        f"class folder {class_dir} has no images (extensions {exts})"
+                    )
+        for writer in writers.values():
+            writer.close()
+
+        if corrupt:
+            listed = "; ".join(f"{p} ({r})" for p, r in corrupt[:_MAX_LISTED])
+            more = f"; ... and {len(corrupt) - _MAX_LISTED} more" if len(corrupt) > _MAX_LISTED else ""
+            if on_corrupt == "error":
+                raise DataSourceError(
+                    f"{len(corrupt)} corrupt/unreadable image(s) under data.root={str(root)!r} "
+                    f"(data.on_corrupt='error'): {listed}{more}. "
+                    "Remove them or set data.on_corrupt: skip"
+                )
+            msg = (
+                f"skipped {len(corrupt)} corrupt/unreadable image(s) under {base}: "
+                + ", ".join(p for p, _ in corrupt[:_MAX_LISTED]) + (" ..." if more else "")
+            )
+            logger.warning(msg)
+            warnings.warn(msg, stacklevel=3)
         if len(sizes) > 1:
             examples = ", ".join(f"{p}: {h}x{w}" for (h, w), p in list(sizes.items())[:3])
             raise DataSourceError(
                 f"images under data.root={str(root)!r} have {len(sizes)} different sizes "
                 f"(e.g. {examples}) and data.image_size is not set; set data.image_size"
             )
-        hw = next(iter(sizes))
-    else:
-        hw = (image_size, image_size)
+        assert hw is not None and writers  # every class has a readable image, or an error was raised
+        n_channels = channels or (3 if any_colour else 1)
+        shape = (int(hw[0]), int(hw[1]), n_channels)
 
-    def collect(items: list[tuple[int, str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] != n_channels else a for _, _, a in items]
-        labels = np.array([lab for lab, _, _ in items], dtype=np.int64)
-        return _stack(arrays, hw, n_channels), labels
+        def finish(name: str, count: int) -> NpyRowWriter:
+            return NpyRowWriter(folder / f"{name}_images.npy", count, shape)
 
-    if split_layout:
-        train_x, train_y = collect(entries["train"])
-        test_x, test_y = collect(entries["test"])
-    else:
-        if isinstance(test_fraction, bool) or not 0.0 < float(test_fraction) < 1.0:
-            raise DataSourceError(
-                f"data.test_fraction={test_fraction!r} is invalid; expected 0 < test_fraction < 1"
-            )
-        items = entries["all"]
-        labels = np.array([lab for lab, _, _ in items], dtype=np.int64)
-        try:
-            tr, te = _stratified_split(labels, float(test_fraction), seed)
-        except (ValueError, TypeError) as e:  # e.g. a negative seed
-            raise DataSourceError(f"seed={seed!r} is invalid: {e}") from e
-        train_x, train_y = collect([items[i] for i in tr])
-        test_x, test_y = collect([items[i] for i in te])
-        if test_x.shape[0] == 0:
-            # Nothing to evaluate on: every later stage would fail on the empty test split.
-            counts = {name: int((labels == label).sum()) for label, name in enumerate(class_names)}
-            raise DataSourceError(
-                f"data.root={str(root)!r}: every class folder has fewer than 2 readable images {counts}, so the test split "
-                "is empty; each class needs at least 2 (one to train on, one to test on)"
-            )
+        if "all" in layout.parts:
+            all_labels = np.array(labels["all"], dtype=np.int64)
+            tr, te = _stratified_split(all_labels, float(test_fraction), seed)
+            if te.size == 0:
+                # Nothing to evaluate on: every later stage would fail on the empty test split.
+                counts = {name: int((all_labels == label).sum()) for label, name in enumerate(class_names)}
+                raise DataSourceError(
+                    f"data.root={str(root)!r}: every class folder has fewer than 2 readable images {counts}, so the test split "
+                    "is empty; each class needs at least 2 (one to train on, one to test on)"
+                )
+            # Labels come class after class, so each split's indices rise: one pass routes every row.
+            assert np.all(np.diff(tr) > 0) and np.all(np.diff(te) > 0)
+            is_test = np.zeros(all_labels.size, dtype=bool)
+            is_test[te] = True
+            with finish("train", tr.size) as train_out, finish("test", te.size) as test_out:
+                _copy_rows(NpyRows(decoded["all"]), [(train_out, ~is_test), (test_out, is_test)], n_channels)
+            split_labels = {"train": all_labels[tr], "test": all_labels[te]}
+        else:
+            for part in ("train", "test"):
+                if n_channels == store_channels:
+                    os.replace(decoded[part], folder / f"{part}_images.npy")
+                else:
+                    with finish(part, writers[part].count) as out:
+                        _copy_rows(NpyRows(decoded[part]), [(out, None)], n_channels)
+            split_labels = {part: np.array(labels[part], dtype=np.int64) for part in ("train", "test")}
+        for part, part_labels in split_labels.items():
+            np.save(folder / f"{part}_labels.npy", part_labels.astype(np.int64))
+    finally:
+        for writer in writers.values():
+            writer.close()
+        for path in decoded.values():
+            path.unlink(missing_ok=True)
+    counts = {part: int(part_labels.size) for part, part_labels in split_labels.items()}
     logger.info(
         "imagefolder %s: %d classes, %d train / %d test images of %dx%dx%d, %d skipped",
-        base, len(class_names), train_x.shape[0], test_x.shape[0], *hw, n_channels, len(corrupt),
+        base, len(class_names), counts["train"], counts["test"], *shape, len(corrupt),
     )
-    return RawDataset(train_x, train_y, test_x, test_y, class_names, list(corrupt))
+    return ImageFolderWritten(class_names, list(corrupt), counts["train"], counts["test"], shape)
+
+
+def load_imagefolder(
+    root: str | None,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    on_corrupt: str = "skip",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    decode_workers: int | str = 1,
+    decode_chunk: int = DECODE_CHUNK,
+) -> RawDataset:
+    """Load ``root/<class>/*`` (stratified split) or ``root/{train,test}/<class>/*`` into memory:
+    :func:`write_imagefolder` into a temporary folder, read back. The prepare stage streams
+    instead (it calls write_imagefolder on its output folder)."""
+    with tempfile.TemporaryDirectory(prefix="lowlabel-imagefolder-") as tmp:
+        written = write_imagefolder(
+            root, Path(tmp), image_size=image_size, channels=channels, on_corrupt=on_corrupt,
+            test_fraction=test_fraction, seed=seed, decode_workers=decode_workers, decode_chunk=decode_chunk,
+        )
+        arrays = {name: np.load(Path(tmp) / f"{name}.npy") for name in ("train_images", "train_labels", "test_images", "test_labels")}
+    return RawDataset(
+        arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"],
+        written.class_names, written.skipped,
+    )
+
 
 
 # --------------------------------------------------------------------------- torchvision
