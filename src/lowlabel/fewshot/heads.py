@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -386,7 +386,40 @@ class CosineClassifier(_FineTuned):
             return self.scale_ * (F.normalize(query, dim=-1) @ self.weight_.T)
 
 
-class KNN(FewShotClassifier):
+class _SupportScoringHead(FewShotClassifier):
+    """A head that keeps the support set and scores queries against it with
+    ``_score(support, support_labels, query, n_way)`` on (E, ...) episode batches (kNN, MatchingNet)."""
+
+    support_: torch.Tensor | None = None
+    support_labels_: torch.Tensor | None = None
+    n_way_: int = 0
+
+    @abstractmethod
+    def _score(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int) -> torch.Tensor: ...
+
+    def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> Self:
+        if bool((support_labels < 0).any()) or bool((support_labels >= n_way).any()):
+            raise ValueError(f"support_labels must lie in 0..{n_way - 1}")
+        self.support_, self.support_labels_, self.n_way_ = support, support_labels, n_way
+        return self
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        support = _require(self.support_, self)
+        labels = _require(self.support_labels_, self)
+        return self._score(support[None], labels[None], query[None], self.n_way_)[0]
+
+    def fit_logits_batched(
+        self,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        n_way: int,
+    ) -> torch.Tensor:
+        _check_episode_batch(support, support_labels, query, n_way)
+        return self._score(support, support_labels, query, n_way)
+
+
+class KNN(_SupportScoringHead):
     """k nearest support embeddings by euclidean distance, majority vote.
 
     Tie rule: among classes with the most votes, the one holding the nearest neighbour
@@ -399,9 +432,6 @@ class KNN(FewShotClassifier):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
-        self.support_: torch.Tensor | None = None
-        self.support_labels_: torch.Tensor | None = None
-        self.n_way_: int = 0
 
     def _score(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
@@ -425,31 +455,13 @@ class KNN(FewShotClassifier):
         )
         return votes + bonus
 
-    def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> KNN:
+    def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> Self:
         if self.k > support.shape[0]:
             raise ValueError(f"k={self.k} exceeds the {support.shape[0]} support samples")
-        if bool((support_labels < 0).any()) or bool((support_labels >= n_way).any()):
-            raise ValueError(f"support_labels must lie in 0..{n_way - 1}")
-        self.support_, self.support_labels_, self.n_way_ = support, support_labels, n_way
-        return self
-
-    def logits(self, query: torch.Tensor) -> torch.Tensor:
-        support = _require(self.support_, self)
-        labels = _require(self.support_labels_, self)
-        return self._score(support[None], labels[None], query[None], self.n_way_)[0]
-
-    def fit_logits_batched(
-        self,
-        support: torch.Tensor,
-        support_labels: torch.Tensor,
-        query: torch.Tensor,
-        n_way: int,
-    ) -> torch.Tensor:
-        _check_episode_batch(support, support_labels, query, n_way)
-        return self._score(support, support_labels, query, n_way)
+        return super().fit(support, support_labels, n_way)
 
 
-class MatchingNet(FewShotClassifier):
+class MatchingNet(_SupportScoringHead):
     """Matching networks (Vinyals et al. 2016) without meta-training: a training-free head.
 
     A query attends over the support set, ``a(x, x_i) = softmax_i(cos(x, x_i) / temperature)``,
@@ -464,9 +476,6 @@ class MatchingNet(FewShotClassifier):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
-        self.support_: torch.Tensor | None = None
-        self.support_labels_: torch.Tensor | None = None
-        self.n_way_: int = 0
 
     def _score(
         self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int
@@ -483,26 +492,6 @@ class MatchingNet(FewShotClassifier):
         per_class = class_max + torch.bmm(shifted, onehot).log()  # logsumexp over the class's samples
         return per_class - torch.logsumexp(sims, dim=-1, keepdim=True)
 
-    def fit(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> MatchingNet:
-        if bool((support_labels < 0).any()) or bool((support_labels >= n_way).any()):
-            raise ValueError(f"support_labels must lie in 0..{n_way - 1}")
-        self.support_, self.support_labels_, self.n_way_ = support, support_labels, n_way
-        return self
-
-    def logits(self, query: torch.Tensor) -> torch.Tensor:
-        support = _require(self.support_, self)
-        labels = _require(self.support_labels_, self)
-        return self._score(support[None], labels[None], query[None], self.n_way_)[0]
-
-    def fit_logits_batched(
-        self,
-        support: torch.Tensor,
-        support_labels: torch.Tensor,
-        query: torch.Tensor,
-        n_way: int,
-    ) -> torch.Tensor:
-        _check_episode_batch(support, support_labels, query, n_way)
-        return self._score(support, support_labels, query, n_way)
 
 
 HEADS: dict[str, Callable[..., FewShotClassifier]] = {
