@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,17 @@ def make_bucket(name: str) -> None:
     import pyarrow.fs as pafs
 
     pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(name)
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus(tmp_path_factory):
+    """A local Ray with 2 CPUs for one test module (temp dir short: Ray's socket paths)."""
+    import ray
+
+    from lowlabel.runner.launch import ensure_ray
+
+    ray.shutdown()  # a Ray another module left up would keep its own size
+    os.environ["LOWLABEL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
+    ensure_ray(None, local_num_cpus=2)
+    yield ray
+    ray.shutdown()

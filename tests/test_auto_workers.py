@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -11,19 +9,6 @@ from lowlabel.config import ConfigError, parse_params
 from lowlabel.runner.launch import ClusterError, resolve_workers, run_training_job
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_two_cpus(tmp_path_factory):
-    import ray
-
-    from lowlabel.runner.launch import ensure_ray
-
-    ray.shutdown()
-    os.environ["LOWLABEL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
-    ensure_ray(None, local_num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 def test_auto_counts_the_cluster_cpus(ray_two_cpus):

@@ -10,8 +10,6 @@ SimCLR job with augment: device has a loss close to the cpu path's, and FixMatch
 
 from __future__ import annotations
 
-import os
-
 import albumentations as A
 import numpy as np
 import pytest
@@ -282,18 +280,6 @@ def test_view_statistics_close_to_the_cpu_path(name, channels, one_torch_thread)
 
 
 # --------------------------------------------------------------------------- Ray Train jobs
-
-
-@pytest.fixture(scope="module")
-def ray_two_cpus(tmp_path_factory):
-    import ray
-
-    os.environ["LOWLABEL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
-    from lowlabel.runner.launch import ensure_ray
-
-    ensure_ray(None, local_num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +58,15 @@ def test_labels_pool_too_few_classes_or_images_fails_naming_the_settings(tiny_pr
         episode_pool(meta_params(ways=5), data)
     with pytest.raises(StageError, match=r"meta\.shots \+ meta\.queries = 3 .* only 0 classes .*labels_per_class=4"):
         episode_pool(meta_params(shots=2, queries=1), data)
+
+
+def test_validation_episodes_the_base_test_images_cannot_supply_fail_naming_the_settings(tiny_prepared):
+    from lowlabel.stages.meta import check_validation_episodes
+
+    data = PreparedData.load(tiny_prepared)  # 4 base classes, 20 test images each
+    check_validation_episodes(meta_params(ways=4, shots=5, queries=15), data)
+    with pytest.raises(StageError, match=r"meta\.ways=4 with meta\.shots \+ meta\.queries = 21: the validation episodes"):
+        check_validation_episodes(meta_params(ways=4, shots=5, queries=16), data)
 
 
 def test_pseudo_label_pool_by_hand():
@@ -150,18 +158,6 @@ def test_unsupervised_episodes_are_views_of_distinct_images_class_major_and_seed
 # ---- Ray jobs ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_meta(tmp_path_factory):
-    import ray
-
-    os.environ["LOWLABEL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
-    from lowlabel.runner.launch import ensure_ray
-
-    ensure_ray(None, local_num_cpus=2)
-    yield ray
-    ray.shutdown()
-
-
 SETTINGS = {
     "protonet": {},
     "matchingnet": {"temperature": 0.1},
@@ -213,7 +209,7 @@ def run_meta(config, tmp_path, name, **kwargs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(SETTINGS))
-def test_two_worker_meta_job_per_method(ray_meta, tiny_prepared, tmp_path, method):
+def test_two_worker_meta_job_per_method(ray_two_cpus, tiny_prepared, tmp_path, method):
     episodes_from = "unsupervised" if method == "protonet" else "labels"  # UMTRA rides along once
     state = run_meta(meta_config(tiny_prepared, method, episodes_from), tmp_path, method)
     assert [h["step"] for h in state["history"]] == [2, 4]
@@ -227,7 +223,7 @@ def test_two_worker_meta_job_per_method(ray_meta, tiny_prepared, tmp_path, metho
 
 
 @pytest.mark.slow
-def test_meta_job_resumed_after_a_worker_crash_ends_with_the_uninterrupted_weights(ray_meta, tiny_prepared, tmp_path):
+def test_meta_job_resumed_after_a_worker_crash_ends_with_the_uninterrupted_weights(ray_two_cpus, tiny_prepared, tmp_path):
     """MAML (second order) under 2 workers: rank 1 dies in the second period; Ray restarts the
     group from the first period's checkpoint and the run ends where the clean one did."""
     clean = run_meta(meta_config(tiny_prepared, "maml"), tmp_path / "clean", "clean")

@@ -416,8 +416,10 @@ class MatchingNetMetaConfig(_Section):
 class RelationNetMetaConfig(_Section):
     # The relation module: an MLP on [class feature, query feature] (our encoders give vectors).
     hidden: PositiveInt = 8
-    # How a class's support features are pooled: the paper sums them.
-    reduce: Literal["sum", "mean"] = "sum"
+    # How a class's support features are pooled. The paper sums them, which ties the relation
+    # module to the training shots: trained at 1-shot, sum scored 23.5% at 5w5s where mean
+    # scored 71.1% with the same weights (bench/meta_table.py, glyphs). Mean: any shot count.
+    reduce: Literal["sum", "mean"] = "mean"
 
 
 class MAMLMetaConfig(_Section):

@@ -126,6 +126,20 @@ def episode_pool(params: Params, data: PreparedData) -> tuple[np.ndarray, np.nda
     return indices, labels, stats | {"pool_images": float(len(indices))}
 
 
+def check_validation_episodes(params: Params, data: PreparedData) -> None:
+    """The job scores base-class test episodes of the training shape (train/meta.py): the base
+    test images must supply them, or the job would fail inside its worker."""
+    cfg = params.meta
+    need = cfg.shots + cfg.queries
+    counts = np.bincount(data.base_label(data.test_labels[np.asarray(data.split.test_base, dtype=np.int64)]), minlength=len(data.split.base_classes))
+    usable = int((counts >= need).sum())
+    if usable < cfg.ways:
+        raise StageError(
+            f"meta.ways={cfg.ways} with meta.shots + meta.queries = {need}: the validation episodes need that many base-class test "
+            f"images per class, but only {usable} classes have them (fewest: {int(counts.min())}); lower meta.shots / meta.queries / meta.ways"
+        )
+
+
 def meta(params: Params, method: str) -> dict:
     from lowlabel.runner.jobs import meta_job
     from lowlabel.train.meta import meta_loop
@@ -136,6 +150,7 @@ def meta(params: Params, method: str) -> dict:
     check_storage(params)
     init_path, init_run = init_encoder_path(params)
     pool, pool_labels, pool_stats = episode_pool(params, data)
+    check_validation_episodes(params, data)
     dvc_stage = f"meta@{method}"
     tags = {TAG_INIT_RUN: init_run, "lowlabel.init": cfg.init, "lowlabel.episodes_from": cfg.episodes_from}
     with tracked_run(

@@ -77,7 +77,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
     # The unlabeled views the method asks for (FixMatch: weak + strong; Mean Teacher, MixMatch:
     # two weak), made by the CPU or the device recipes; only the recipes used are built.
     view_names = spec.unlabeled_views if spec.uses_unlabeled else ()
-    unlabeled = np.asarray(data.split.unlabeled)
+    unlabeled = np.asarray(data.split.unlabeled, dtype=np.int64)  # may be empty: every base image labeled
     # True labels ride along for the pseudo-label accuracy monitor only.
     unlabeled_targets = data.base_label(data.train_labels[unlabeled])
     if on_device:
