@@ -34,7 +34,7 @@ from lowlabel.fewshot.evaluate import FewShotResult, NormalizeMode, evaluate_epi
 from lowlabel.fewshot.finetune import FineTuneLastBlock, LastBlockSplit, split_last_block
 from lowlabel.fewshot.heads import HEADS
 from lowlabel.fewshot.sampler import Episode, EpisodeError, sample_episodes
-from lowlabel.meta.base import MetaMethod
+from lowlabel.meta.base import MetaMethod, episode_accuracies
 from lowlabel.models.encoders import build_encoder
 from lowlabel.runner.worker import seed_everything
 
@@ -340,14 +340,14 @@ def evaluate_meta_method(method: MetaMethod, data: PreparedData, episodes: list[
     from lowlabel.meta.episodes import load_episode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    method = method.to(device).train(method.adapts)
+    method = method.to(device)
     view = device_augment.eval_view(data.mean, data.std).to(device)
     fetch = novel_pool_images(data)
-    accuracies = np.empty(len(episodes))
-    for i, episode in enumerate(episodes):
-        batch = load_episode(episode, lambda rows: view(device_augment.uint8_batch(fetch(rows)).to(device), 0))
-        batch = batch.to(device)
-        accuracies[i] = (method.scores(batch).argmax(1) == batch.query_y).float().mean().item()
+
+    def load(rows: np.ndarray) -> torch.Tensor:
+        return view(device_augment.uint8_batch(fetch(rows)).to(device), 0)
+
+    accuracies = episode_accuracies(method, (load_episode(episode, load).to(device) for episode in episodes))
     n_way, k_shot = episodes[0].n_way, episodes[0].k_shot
     return FewShotResult(
         head="meta", n_way=n_way, k_shot=k_shot, n_query=episodes[0].n_query, episodes=len(episodes),

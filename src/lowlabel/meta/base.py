@@ -10,10 +10,11 @@ and ``learner.loss_from_scores`` (the forward goes through DDP when the learner 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from lowlabel.distributed import average_gradients
 from lowlabel.meta.episodes import EpisodicBatch
 
-__all__ = ["EpisodicLearner", "MetaMethod", "MetricMetaMethod", "preserved_buffers"]
+__all__ = ["EpisodicLearner", "MetaMethod", "MetricMetaMethod", "episode_accuracies", "preserved_buffers"]
 
 
 class EpisodicLearner(nn.Module, ABC):
@@ -120,3 +121,16 @@ class MetricMetaMethod(MetaMethod):
     @torch.no_grad()
     def scores(self, episode: EpisodicBatch) -> torch.Tensor:
         return self.learner(episode)
+
+
+def episode_accuracies(method: MetaMethod, batches: Iterable[EpisodicBatch]) -> np.ndarray:
+    """Query accuracy of each episode under the method's own test-time procedure
+    (:meth:`MetaMethod.scores`): metric heads in eval mode (running statistics), methods that
+    adapt in train mode (batch statistics, as in training; ``scores`` restores what adapting
+    touched). The method's mode is restored afterwards."""
+    was_training = method.training
+    method.train(method.adapts)
+    try:
+        return np.array([(method.scores(b).argmax(1) == b.query_y).float().mean().item() for b in batches])
+    finally:
+        method.train(was_training)

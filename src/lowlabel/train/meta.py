@@ -26,7 +26,7 @@ from lowlabel.data import device_augment
 from lowlabel.data.prepared import PreparedData
 from lowlabel.distributed import all_reduce_mean, average_buffers
 from lowlabel.fewshot.sampler import Episode
-from lowlabel.meta.base import MetaMethod
+from lowlabel.meta.base import MetaMethod, episode_accuracies
 from lowlabel.meta.episodes import EpisodeSampler, EpisodicBatch, episode_seed, load_episode
 from lowlabel.meta.registry import META_METHODS
 from lowlabel.models.encoders import build_encoder, feature_dim
@@ -102,18 +102,8 @@ def validation_episodes(job: MetaJob, data: PreparedData, load: Callable[[np.nda
 
 
 def episode_accuracy(method: MetaMethod, episodes: LabeledEpisodes, count: int, device: torch.device) -> float:
-    was_training = method.training
-    correct = total = 0
-    for i in range(count):
-        episode = episodes.batch(0, i, device)
-        # Metric heads score in eval mode (running statistics); MAML and Reptile adapt in train
-        # mode (batch statistics, as in training) and restore the state they touched.
-        method.train(method.adapts)
-        predicted = method.scores(episode).argmax(1)
-        correct += int((predicted == episode.query_y).sum())
-        total += episode.query_y.numel()
-    method.train(was_training)
-    return correct / total
+    """Mean query accuracy of the first ``count`` validation episodes (each has as many queries)."""
+    return float(episode_accuracies(method, (episodes.batch(0, i, device) for i in range(count))).mean())
 
 
 def meta_loop(config: dict[str, Any]) -> None:
