@@ -97,6 +97,13 @@ def pseudo_probabilities(params: Params, data: PreparedData, indices: np.ndarray
     return torch.softmax(logits.double(), dim=1).numpy()
 
 
+def class_supply(labels: np.ndarray, n_classes: int, need: int) -> tuple[np.ndarray, int]:
+    """(images per class, how many classes have at least ``need``): whether a pool can make
+    episodes of ``need`` images per class."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)  # an empty pool: all zeros
+    return counts, int((counts >= need).sum())
+
+
 def episode_pool(params: Params, data: PreparedData) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
     """(image indices, their classes or None when unsupervised, stats) that episodes draw from."""
     cfg = params.meta
@@ -115,8 +122,7 @@ def episode_pool(params: Params, data: PreparedData) -> tuple[np.ndarray, np.nda
         if len(indices) < cfg.ways:
             raise StageError(f"meta.ways={cfg.ways} but only {len(indices)} unlabeled base images exist (each is a class of its own)")
         return indices, None, {"pool_images": float(len(indices))}
-    counts = np.bincount(labels, minlength=len(data.split.base_classes)) if len(labels) else np.zeros(0, int)
-    usable = int((counts >= need).sum())
+    counts, usable = class_supply(labels, len(data.split.base_classes), need)
     if usable < cfg.ways:
         raise StageError(
             f"meta.ways={cfg.ways} with meta.shots + meta.queries = {need} images per class, but only {usable} classes of "
@@ -131,8 +137,8 @@ def check_validation_episodes(params: Params, data: PreparedData) -> None:
     test images must supply them, or the job would fail inside its worker."""
     cfg = params.meta
     need = cfg.shots + cfg.queries
-    counts = np.bincount(data.base_label(data.test_labels[np.asarray(data.split.test_base, dtype=np.int64)]), minlength=len(data.split.base_classes))
-    usable = int((counts >= need).sum())
+    test_labels = data.base_label(data.test_labels[np.asarray(data.split.test_base, dtype=np.int64)])
+    counts, usable = class_supply(test_labels, len(data.split.base_classes), need)
     if usable < cfg.ways:
         raise StageError(
             f"meta.ways={cfg.ways} with meta.shots + meta.queries = {need}: the validation episodes need that many base-class test "
