@@ -72,7 +72,6 @@ from lowlabel.data.augment import eval_view
 from lowlabel.data.prepared import PreparedData, channel_stats, write_prepared
 from lowlabel.data.sources import load_source
 from lowlabel.data.splits import make_split
-from lowlabel.evaluation import extract_features
 from lowlabel.fewshot.evaluate import confidence_interval95
 from lowlabel.fewshot.protocol import (
     FewShotProtocol,
@@ -92,7 +91,7 @@ from lowlabel.models.store import save_encoder
 from lowlabel.presets import PRESETS_DIR, merge, set_param
 from lowlabel.runner.jobs import common_config, meta_job, pretrain_job, run_job, semisup_job
 from lowlabel.runner.launch import remove_run
-from lowlabel.stages.meta import episode_pool, pseudo_label_pool
+from lowlabel.stages.meta import classifier_probabilities, episode_pool, pseudo_label_pool
 
 ALL_METHODS = ["protonet", "matchingnet", "relationnet", "maml", "reptile"]
 ADAPTING = ("maml", "reptile")  # a ways-output head fixed at meta-training; they fine-tune at test time
@@ -237,12 +236,8 @@ def train_meta(jobs: Jobs, params: Params, data: PreparedData, method: str, init
 def pseudo_pool(params: Params, data: PreparedData, fixmatch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """The meta stage's pseudo-label pool, from this bench's FixMatch EMA classifier (the stage
     reads it from models/semisup/<pseudo_model>; the pooling is the stage's own function)."""
-    encoder = build_encoder(params.encoder.arch, data.in_chans, params.encoder.width)
-    classifier = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
-    classifier.load_state_dict(fixmatch["ema"])
     unlabeled = np.asarray(data.split.unlabeled, dtype=np.int64)
-    logits = extract_features(classifier.eval(), data.train_images, unlabeled, eval_view(data.mean, data.std))
-    probabilities = torch.softmax(logits.double(), dim=1).numpy()
+    probabilities = classifier_probabilities(fixmatch["ema"], params.encoder.arch, params.encoder.width, data, unlabeled)
     cfg = params.meta
     indices, labels, stats = pseudo_label_pool(probabilities, unlabeled, cfg.pseudo_threshold, cfg.shots + cfg.queries, cfg.pseudo_per_class)
     if len(np.unique(labels)) < cfg.ways:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,8 +73,9 @@ def pseudo_label_pool(
     return indices[picked].astype(np.int64), predicted[picked].astype(np.int64), stats
 
 
-def pseudo_probabilities(params: Params, data: PreparedData, indices: np.ndarray) -> np.ndarray:
-    """Softmax of ``models/semisup/<pseudo_model>``'s EMA classifier on ``data.train_images[indices]``."""
+def classifier_probabilities(state: dict[str, Any], arch: str, width: int, data: PreparedData, indices: np.ndarray) -> np.ndarray:
+    """Softmax (float64) of a semisup Classifier's state on ``data.train_images[indices]``
+    (eval view and mode). Raises what ``load_state_dict`` raises for another encoder's state."""
     import torch
 
     from lowlabel.data.augment import eval_view
@@ -81,20 +83,28 @@ def pseudo_probabilities(params: Params, data: PreparedData, indices: np.ndarray
     from lowlabel.models.encoders import build_encoder, feature_dim
     from lowlabel.models.heads import Classifier
 
+    encoder = build_encoder(arch, data.in_chans, width)
+    classifier = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
+    classifier.load_state_dict(state)
+    logits = extract_features(classifier, data.train_images, indices, eval_view(data.mean, data.std))
+    return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def pseudo_probabilities(params: Params, data: PreparedData, indices: np.ndarray) -> np.ndarray:
+    """:func:`classifier_probabilities` of ``models/semisup/<pseudo_model>``'s EMA classifier."""
+    import torch
+
     model_name = params.meta.pseudo_model
     path = MODELS_DIR / "semisup" / model_name / PSEUDO_CLASSIFIER
     remake = f"dvc repro semisup@{model_name}"
     if not path.is_file():
         raise StageError(f"meta.episodes_from=pseudo with meta.pseudo_model={model_name!r} needs {path}; run `{remake}` first")
-    encoder = build_encoder(params.encoder.arch, data.in_chans, params.encoder.width)
-    classifier = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
     try:
         # weights_only: a model file must not be a way to run code here.
-        classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return classifier_probabilities(state, params.encoder.arch, params.encoder.width, data, indices)
     except Exception as error:  # a file of another encoder or another class count
         raise StageError(f"{path} cannot be loaded as the {params.encoder.arch} classifier: {str(error).splitlines()[0]}; re-create it with `{remake}`") from None
-    logits = extract_features(classifier, data.train_images, indices, eval_view(data.mean, data.std))
-    return torch.softmax(logits.double(), dim=1).numpy()
 
 
 def class_supply(labels: np.ndarray, n_classes: int, need: int) -> tuple[np.ndarray, int]:
