@@ -15,6 +15,8 @@ from lowlabel.models.encoders import build_encoder
 ENCODER_FILE = "encoder.pt"
 # Beside a meta@<method> encoder: the method's whole trained state (head, relation module, inner rates).
 META_HEAD_FILE = "meta_head.pt"
+# Beside a semisup@<method> encoder: the EMA classifier (encoder + head), for pseudo-labels.
+CLASSIFIER_EMA_FILE = "classifier_ema.pt"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -16,17 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from lowlabel.atomic import atomic_dir
 from lowlabel.config import META_METHODS, Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
-from lowlabel.models.store import ENCODER_FILE, META_HEAD_FILE, atomic_torch_save, save_encoder
+from lowlabel.models.store import CLASSIFIER_EMA_FILE, ENCODER_FILE, META_HEAD_FILE
 from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run
 from lowlabel.stages.encoder_files import load_encoder_file
 from lowlabel.stages.preflight import check_before_training, check_storage
-from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
+from lowlabel.stages.training import train_in_ray, write_training_outputs
 from lowlabel.tracking import TAG_INIT_RUN, log_prepared_input
-
-PSEUDO_CLASSIFIER = "classifier_ema.pt"
 
 
 def init_encoder_path(params: Params) -> tuple[str | None, str]:
@@ -95,7 +92,7 @@ def pseudo_probabilities(params: Params, data: PreparedData, indices: np.ndarray
     import torch
 
     model_name = params.meta.pseudo_model
-    path = MODELS_DIR / "semisup" / model_name / PSEUDO_CLASSIFIER
+    path = MODELS_DIR / "semisup" / model_name / CLASSIFIER_EMA_FILE
     remake = f"dvc repro semisup@{model_name}"
     if not path.is_file():
         raise StageError(f"meta.episodes_from=pseudo with meta.pseudo_model={model_name!r} needs {path}; run `{remake}` first")
@@ -190,16 +187,11 @@ def meta(params: Params, method: str) -> dict:
             "episodes_from": cfg.episodes_from,
             **pool_stats,
         }
-        out = MODELS_DIR / "meta" / method / ENCODER_FILE
-        with training_outputs(params, ray_run):
-            with atomic_dir(out.parent) as folder:
-                save_encoder(
-                    folder / ENCODER_FILE, state["encoder"], arch=params.encoder.arch, width=params.encoder.width,
-                    in_chans=data.in_chans, image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
-                    init_run_id=init_run,
-                )
-                atomic_torch_save({"method": method, "settings": config["method_kwargs"], "ways": cfg.ways, "state": state["model"]}, folder / META_HEAD_FILE)
-            publish_training_outputs("meta", method, metrics, history, out, data.in_chans, data.image_size)
+        head = {"method": method, "settings": config["method_kwargs"], "ways": cfg.ways, "state": state["model"]}
+        write_training_outputs(
+            params, ray_run, "meta", method, state["encoder"], data, run.info.run_id, metrics, history,
+            extra_files={META_HEAD_FILE: head}, init_run_id=init_run,
+        )
     return metrics
 
 
@@ -207,7 +199,7 @@ def pseudo_inputs(params: Params) -> tuple[Path, ...]:
     """Files the episode pool depends on besides the prepared data (for the Ray run's name)."""
     if params.meta.episodes_from != "pseudo":
         return ()
-    return (MODELS_DIR / "semisup" / params.meta.pseudo_model / PSEUDO_CLASSIFIER,)
+    return (MODELS_DIR / "semisup" / params.meta.pseudo_model / CLASSIFIER_EMA_FILE,)
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from lowlabel.atomic import atomic_dir
 from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
-from lowlabel.models.store import ENCODER_FILE, save_encoder
 from lowlabel.runner.jobs import pretrain_job
-from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, stage_main, tracked_run
+from lowlabel.stages.common import PREPARED_DIR, stage_main, tracked_run
 from lowlabel.stages.preflight import check_before_training, check_storage
-from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
+from lowlabel.stages.training import train_in_ray, write_training_outputs
 from lowlabel.tracking import log_prepared_input
 from lowlabel.train.pretrain import pretrain_loop
 
@@ -20,7 +18,6 @@ def pretrain(params: Params, method: str) -> dict:
     data = PreparedData.load(PREPARED_DIR)
     check_before_training(params, data)
     check_storage(params)
-    out = MODELS_DIR / "pretrain" / method / ENCODER_FILE
     dvc_stage = f"pretrain@{method}"
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:
         log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
@@ -36,13 +33,7 @@ def pretrain(params: Params, method: str) -> dict:
             "images_per_s": sum(h["images_per_s"] for h in history if "images_per_s" in h) / max(1, len(history) - 1),
             "epochs": last["epoch"],
         }
-        with training_outputs(params, ray_run):
-            with atomic_dir(out.parent) as folder:
-                save_encoder(
-                    folder / ENCODER_FILE, state["encoder"], arch=params.encoder.arch, width=params.encoder.width,
-                    in_chans=data.in_chans, image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
-                )
-            publish_training_outputs("pretrain", method, metrics, history, out, data.in_chans, data.image_size)
+        write_training_outputs(params, ray_run, "pretrain", method, state["encoder"], data, run.info.run_id, metrics, history)
     return metrics
 
 

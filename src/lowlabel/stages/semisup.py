@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from lowlabel.atomic import atomic_dir
 from lowlabel.config import SEMISUP_METHODS, Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
 from lowlabel.models.heads import Classifier
-from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
+from lowlabel.models.store import CLASSIFIER_EMA_FILE, ENCODER_FILE
 from lowlabel.runner.jobs import semisup_job
 from lowlabel.stages.common import MODELS_DIR, PREPARED_DIR, StageError, stage_main, tracked_run
 from lowlabel.stages.encoder_files import load_encoder_file
 from lowlabel.stages.preflight import check_before_training, check_storage
-from lowlabel.stages.training import publish_training_outputs, train_in_ray, training_outputs
+from lowlabel.stages.training import train_in_ray, write_training_outputs
 from lowlabel.tracking import TAG_INIT_RUN, log_prepared_input
 from lowlabel.train.semisup import semisup_loop
 
@@ -58,16 +57,10 @@ def semisup(params: Params, method: str) -> dict:
                 metrics[key] = last[key]
         # The EMA weights are the ones evaluated, so they are the ones handed on.
         encoder_state = Classifier.encoder_state(state["ema"])
-        out = MODELS_DIR / "semisup" / method / ENCODER_FILE
-        with training_outputs(params, ray_run):
-            with atomic_dir(out.parent) as folder:
-                save_encoder(
-                    folder / ENCODER_FILE, encoder_state, arch=params.encoder.arch, width=params.encoder.width,
-                    in_chans=data.in_chans, image_size=data.image_size, source=dvc_stage, mlflow_run_id=run.info.run_id,
-                    init_run_id=init_run,
-                )
-                atomic_torch_save(state["ema"], folder / "classifier_ema.pt")
-            publish_training_outputs("semisup", method, metrics, history, out, data.in_chans, data.image_size)
+        write_training_outputs(
+            params, ray_run, "semisup", method, encoder_state, data, run.info.run_id, metrics, history,
+            extra_files={CLASSIFIER_EMA_FILE: state["ema"]}, init_run_id=init_run,
+        )
     return metrics
 
 

@@ -94,3 +94,37 @@ def publish_training_outputs(
     mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     mlflow.log_artifact(str(plot))
     log_encoder(load_encoder(encoder_file)[0], in_chans, image_size)
+
+
+def write_training_outputs(
+    params: Params,
+    ray_run: str,
+    stage: str,
+    method: str,
+    encoder_state: dict[str, Any],
+    data: Any,
+    mlflow_run_id: str,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    extra_files: dict[str, Any] | None = None,
+    **encoder_meta: Any,
+) -> None:
+    """A training stage's outputs, all or nothing: ``models/<stage>/<method>/`` (the encoder file,
+    plus ``extra_files``: name -> object, e.g. the EMA classifier or a meta head) in one atomic
+    folder, then metrics, plots and the MLflow model; the Ray run's checkpoints go only after
+    (:func:`training_outputs`)."""
+    from lowlabel.atomic import atomic_dir
+    from lowlabel.models.store import ENCODER_FILE, atomic_torch_save, save_encoder
+    from lowlabel.stages.common import MODELS_DIR
+
+    out = MODELS_DIR / stage / method / ENCODER_FILE
+    with training_outputs(params, ray_run):
+        with atomic_dir(out.parent) as folder:
+            save_encoder(
+                folder / ENCODER_FILE, encoder_state, arch=params.encoder.arch, width=params.encoder.width,
+                in_chans=data.in_chans, image_size=data.image_size, source=f"{stage}@{method}", mlflow_run_id=mlflow_run_id,
+                **encoder_meta,
+            )
+            for name, obj in (extra_files or {}).items():
+                atomic_torch_save(obj, folder / name)
+        publish_training_outputs(stage, method, metrics, history, out, data.in_chans, data.image_size)
