@@ -165,3 +165,40 @@ def test_align_distribution_by_hand():
     prior = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
     skewed = align_distribution(probs, torch.full((3,), 1 / 3, dtype=torch.float64), prior)
     assert torch.allclose(skewed.double(), probs * prior / (probs * prior).sum(1, keepdim=True), atol=1e-7)
+
+
+def test_debias_probabilities_by_hand():
+    from lowlabel.methods.semisup.losses import align_distribution, debias_probabilities
+
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
+    prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    # softmax(log p - tau log prior) for tau 0.4, row by row.
+    raw = [[p * q ** -0.4 for p, q in zip(row, [0.5, 0.3, 0.2])] for row in [[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]]
+    expected = torch.tensor([[v / sum(row) for v in row] for row in raw], dtype=torch.float64)
+    assert torch.allclose(debias_probabilities(probs, prior, 0.4).double(), expected, atol=1e-7)
+    # tau 0 changes nothing; tau 1 is distribution alignment towards a uniform prior.
+    assert torch.allclose(debias_probabilities(probs, prior, 0.0).double(), probs, atol=1e-7)
+    assert torch.allclose(debias_probabilities(probs, prior, 1.0), align_distribution(probs, prior), atol=1e-7)
+
+
+def test_logit_adjusted_cross_entropy_by_hand():
+    import math
+
+    from lowlabel.methods.semisup.losses import logit_adjusted_cross_entropy
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], dtype=torch.float64, requires_grad=True)
+    prior = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    targets, mask = torch.tensor([0, 2]), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    loss = logit_adjusted_cross_entropy(logits, targets, mask, prior, 0.5)
+    # Row 0 only (row 1 masked), averaged over both rows: -log softmax(z + 0.5 log prior)[0] / 2.
+    adjusted = [2.0 + 0.5 * math.log(0.6), 0.5 + 0.5 * math.log(0.3), -1.0 + 0.5 * math.log(0.1)]
+    expected = -(adjusted[0] - math.log(sum(math.exp(a) for a in adjusted))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # A target of the over-predicted class costs less than plain CE, one of a rare class more:
+    # the raw logits the student learns are pushed away from the classes it over-predicts.
+    plain = torch.nn.functional.cross_entropy(logits[:1], targets[:1]).item() / 2
+    assert loss.item() < plain
+    rare = logit_adjusted_cross_entropy(logits, torch.tensor([2, 2]), mask, prior, 0.5).item()
+    assert rare > torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2])).item() / 2
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0  # a masked row gets no gradient

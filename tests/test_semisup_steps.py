@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from lowlabel.methods.semisup import SEMISUP_REGISTRY
-from lowlabel.methods.semisup.base import DistributionAlignment, prediction_balance
+from lowlabel.methods.semisup.base import DistributionAlignment, PseudoLabelDebiasing, prediction_balance
 from lowlabel.methods.semisup.freematch import SelfAdaptiveThreshold
-from lowlabel.methods.semisup.losses import align_distribution, self_adaptive_thresholds
+from lowlabel.methods.semisup.losses import (
+    align_distribution,
+    debias_probabilities,
+    logit_adjusted_cross_entropy,
+    self_adaptive_thresholds,
+)
 
 UNLABELED_METHODS = ["fixmatch", "uda", "freematch"]
 
@@ -39,20 +44,28 @@ def toy_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+WEAK_VIEW_TARGETS = {  # how the weak view's probabilities become targets, a fresh module per call
+    "plain": lambda: {},
+    "aligned": lambda: {"aligner": DistributionAlignment(3, 0.9)},
+    "debiased": lambda: {"debiaser": PseudoLabelDebiasing(3, 0.4, 0.9)},
+}
+
+
 @pytest.mark.parametrize("teacher", [False, True])
-@pytest.mark.parametrize("align", [False, True])
-@pytest.mark.parametrize("method", UNLABELED_METHODS)
-def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method, align, teacher):
+@pytest.mark.parametrize(
+    ("method", "targets"), [(m, t) for m in UNLABELED_METHODS for t in ("plain", "aligned")] + [("fixmatch", "debiased")]
+)
+def test_swapping_unlabeled_true_labels_changes_nothing_but_the_monitor(method, targets, teacher):
     kwargs = dict(threshold=0.3, lambda_u=1.0, lambda_f=0.01, temperature=0.4, tsa="linear", step=3, total_steps=10, mu=2)
     grads = []
     for shift in (0, 1):
         model = toy_model()
         batch = toy_batch(1)
-        extra = {"aligner": DistributionAlignment(3, 0.9) if align else None, "teacher": copy.deepcopy(model).eval() if teacher else None}
+        extra = {**WEAK_VIEW_TARGETS[targets](), "teacher": copy.deepcopy(model).eval() if teacher else None}
         # True labels that agree with every pseudo-label, then labels that agree with none.
         weak = torch.softmax(model(batch["u_weak"]), 1)
-        if align:  # what a fresh aligner makes of this first batch
-            weak = DistributionAlignment(3, 0.9)(weak)
+        for module in WEAK_VIEW_TARGETS[targets]().values():  # what a fresh module makes of this first batch
+            weak = module(weak)
         batch["u_true"] = (weak.argmax(1) + shift) % 3
         out = step(method, model, **batch, **kwargs, **extra, **fresh_state(method))
         out["loss"].backward()
@@ -106,6 +119,42 @@ def test_distribution_alignment_updates_its_mean_then_aligns():
     restored = DistributionAlignment(3, momentum=0.9)
     restored.load_state_dict(aligner.state_dict())
     assert torch.equal(restored.model_mean, aligner.model_mean)
+
+
+def test_debiasing_updates_its_prior_then_debiases_and_rides_in_the_state_dict():
+    debiaser = PseudoLabelDebiasing(3, tau=0.4, momentum=0.9)
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]])
+    debiased = debiaser(probs)
+    prior = 0.9 * torch.full((3,), 1 / 3) + 0.1 * probs.mean(0)
+    assert torch.allclose(debiaser.prior, prior)
+    assert torch.allclose(debiased, debias_probabilities(probs, prior, 0.4))
+    assert (debiased[:, 0] < probs[:, 0]).all()  # the over-predicted class loses mass
+    restored = PseudoLabelDebiasing(3, tau=0.4, momentum=0.9)
+    restored.load_state_dict(debiaser.state_dict())
+    assert torch.equal(restored.prior, debiaser.prior)
+
+
+def test_fixmatch_with_debiasing_is_debiased_targets_and_a_logit_adjusted_loss():
+    import torch.nn.functional as F
+
+    batch = toy_batch(4)
+    model = toy_model()
+    out = step("fixmatch", model, **batch, threshold=0.4, lambda_u=1.0, debiaser=PseudoLabelDebiasing(3, 0.4, 0.9))
+    # By hand: the same prior update, targets from the debiased weak view, adjusted CE on the strong view.
+    with torch.no_grad():
+        logits = model(torch.cat([batch["x"], batch["u_weak"], batch["u_strong"]]))
+        weak = torch.softmax(logits[4:12], 1)
+        prior = 0.9 * torch.full((3,), 1 / 3) + 0.1 * weak.mean(0)
+        confidence, targets = debias_probabilities(weak, prior, 0.4).max(1)
+        mask = (confidence >= 0.4).float()
+        expected = F.cross_entropy(logits[:4], batch["y"]) + logit_adjusted_cross_entropy(logits[12:], targets, mask, prior, 0.4)
+    assert 0 < mask.mean() < 1, "the test needs confident and unconfident samples"
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # tau 0 is plain FixMatch.
+    plain = step("fixmatch", toy_model(), **batch, threshold=0.4, lambda_u=1.0)
+    zero = step("fixmatch", toy_model(), **batch, threshold=0.4, lambda_u=1.0, debiaser=PseudoLabelDebiasing(3, 0.0, 0.9))
+    assert zero["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)
+    assert out["loss"].item() != pytest.approx(plain["loss"].item())
 
 
 def test_self_adaptive_threshold_updates_then_thresholds():

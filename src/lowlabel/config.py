@@ -307,7 +307,16 @@ class _UnlabeledConfig(_Section):
     dist_align_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
 
 
-class FixMatchConfig(_UnlabeledConfig):
+class _DebiasConfig(_Section):
+    """DebiasPL (Wang et al. 2022) on the pseudo-labels of a thresholding method."""
+
+    # tau: pseudo-labels scaled by prior^-tau and their loss logit-adjusted by tau log prior, the
+    # prior a running mean (this momentum) of the weak view's predictions. 0: off (DebiasPL: 0.4).
+    debias: NonNegFloat = 0.0
+    debias_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.999
+
+
+class FixMatchConfig(_UnlabeledConfig, _DebiasConfig):
     threshold: Probability = 0.95
     # On by default: at 4 labels/class and 500 steps they take FixMatch from random init from
     # 19 points below supervised-only to 5 above it (bench/semisup_grid.py; numbers in README).
@@ -330,7 +339,7 @@ class FreeMatchConfig(_UnlabeledConfig):
 
 
 
-class FlexMatchConfig(_UnlabeledConfig):
+class FlexMatchConfig(_UnlabeledConfig, _DebiasConfig):
     # tau: the bar of a fully learned class, and the confidence that records an image as learned.
     threshold: Probability = 0.95
     # Count the never-confident images as one more class in the normalisation (the paper's warm-up).

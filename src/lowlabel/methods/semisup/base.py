@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from lowlabel.distributed import all_reduce_mean
-from lowlabel.methods.semisup.losses import align_distribution
+from lowlabel.methods.semisup.losses import (
+    align_distribution,
+    debias_probabilities,
+    logit_adjusted_cross_entropy,
+    masked_cross_entropy,
+)
 
 
 @torch.no_grad()
@@ -50,6 +55,36 @@ class DistributionAlignment(nn.Module):
         return align_distribution(probs, self.model_mean)
 
 
+class PseudoLabelDebiasing(nn.Module):
+    """DebiasPL (Wang et al. 2022): the running mean of the model's weak-view predictions
+    (``prior``, all-reduced over workers, checkpointed as a buffer) debiases each batch's
+    pseudo-labels by ``prior^-tau`` and adjusts the logits of their loss by ``tau log prior``,
+    so a class the model drifts towards is both labelled less and learned against.
+    """
+
+    def __init__(self, num_classes: int, tau: float, momentum: float) -> None:
+        super().__init__()
+        self.tau, self.momentum = tau, momentum
+        self.register_buffer("prior", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        update_running_mean_(self.prior, probs.float().mean(dim=0), self.momentum)
+        return debias_probabilities(probs, self.prior, self.tau)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return logit_adjusted_cross_entropy(logits, targets, mask, self.prior, self.tau)
+
+
+def pseudo_label_loss(
+    logits_strong: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, debiaser: PseudoLabelDebiasing | None = None
+) -> torch.Tensor:
+    """The strong view's masked cross-entropy against the pseudo-labels (logit-adjusted when debiasing)."""
+    if debiaser is None:
+        return masked_cross_entropy(logits_strong, targets, mask)
+    return debiaser.cross_entropy(logits_strong, targets, mask)
+
+
 def weak_targets(
     model: nn.Module,
     x: torch.Tensor,
@@ -57,14 +92,15 @@ def weak_targets(
     u_strong: torch.Tensor,
     teacher: nn.Module | None = None,
     aligner: DistributionAlignment | None = None,
+    debiaser: PseudoLabelDebiasing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(labeled logits, the weak view's target probabilities, strong-view logits).
 
     The student sees the labeled batch and both unlabeled views in one forward, as the papers
     do, so BN's batch and running statistics cover them all. The weak view is labelled by the
     student itself, or by a teacher (the EMA model, in eval mode, without gradient): slower-
-    moving targets, less confirmation bias. The aligner, if any, rescales the probabilities;
-    the targets never carry gradient.
+    moving targets, less confirmation bias. The aligner, then the debiaser, if any, rescale the
+    probabilities; the targets never carry gradient.
     """
     logits = model(torch.cat([x, u_weak, u_strong]))
     logits_x, logits_weak, logits_strong = logits[: len(x)], *logits[len(x) :].chunk(2)
@@ -72,7 +108,11 @@ def weak_targets(
         with torch.no_grad():
             logits_weak = teacher(u_weak)
     probs = torch.softmax(logits_weak.detach().float(), dim=1)
-    return logits_x, aligner(probs) if aligner is not None else probs, logits_strong
+    if aligner is not None:
+        probs = aligner(probs)
+    if debiaser is not None:
+        probs = debiaser(probs)
+    return logits_x, probs, logits_strong
 
 
 def _pseudo_accuracy(weak_probs: torch.Tensor, u_true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,10 +155,13 @@ def no_state(num_classes: int, method_kwargs: dict[str, Any]) -> dict[str, nn.Mo
 
 
 def weak_view_state(num_classes: int, method_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
-    """The distribution aligner, when the method's params turn it on."""
-    if not method_kwargs.get("dist_align"):
-        return {}
-    return {"aligner": DistributionAlignment(num_classes, method_kwargs["dist_align_momentum"])}
+    """The distribution aligner and the DebiasPL debiaser, when the method's params turn them on."""
+    state: dict[str, nn.Module] = {}
+    if method_kwargs.get("dist_align"):
+        state["aligner"] = DistributionAlignment(num_classes, method_kwargs["dist_align_momentum"])
+    if method_kwargs.get("debias", 0.0) > 0:
+        state["debiaser"] = PseudoLabelDebiasing(num_classes, method_kwargs["debias"], method_kwargs["debias_momentum"])
+    return state
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ from torch import nn
 
 from lowlabel.methods.semisup.base import (
     DistributionAlignment,
+    PseudoLabelDebiasing,
     SemisupMethod,
+    pseudo_label_loss,
     unlabeled_report,
     weak_targets,
     weak_view_state,
 )
-from lowlabel.methods.semisup.losses import masked_cross_entropy, pseudo_labels
+from lowlabel.methods.semisup.losses import pseudo_labels
 
 
 def fixmatch_step(
@@ -28,6 +30,7 @@ def fixmatch_step(
     lambda_u: float,
     teacher: nn.Module | None = None,
     aligner: DistributionAlignment | None = None,
+    debiaser: PseudoLabelDebiasing | None = None,
     **_,
 ) -> dict[str, torch.Tensor]:
     """FixMatch (Sohn et al. 2020): CE(strong view, pseudo-label of weak view) where confident.
@@ -35,10 +38,10 @@ def fixmatch_step(
     ``u_true`` (the unlabeled samples' real labels, or -1) is used for monitoring only:
     it never enters a loss.
     """
-    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner)
+    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner, debiaser)
     loss_sup = F.cross_entropy(logits_x, y)
     targets, mask = pseudo_labels(weak_probs, threshold)
-    loss_unsup = masked_cross_entropy(logits_strong, targets, mask)
+    loss_unsup = pseudo_label_loss(logits_strong, targets, mask, debiaser)
     return {"loss": loss_sup + lambda_u * loss_unsup, **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true)}
 
 

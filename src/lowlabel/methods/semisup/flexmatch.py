@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlabel.distributed import gather_no_grad
-from lowlabel.methods.semisup.base import SemisupMethod, unlabeled_report, weak_targets, weak_view_state
-from lowlabel.methods.semisup.losses import masked_cross_entropy, pseudo_labels
+from lowlabel.methods.semisup.base import (
+    PseudoLabelDebiasing,
+    SemisupMethod,
+    pseudo_label_loss,
+    unlabeled_report,
+    weak_targets,
+    weak_view_state,
+)
+from lowlabel.methods.semisup.losses import pseudo_labels
 
 
 def flexmatch_thresholds(selected: torch.Tensor, num_classes: int, tau: float, warmup: bool = True) -> torch.Tensor:
@@ -69,16 +76,17 @@ def flexmatch_step(
     learning_effect: LearningEffect,
     teacher: nn.Module | None = None,
     aligner: nn.Module | None = None,
+    debiaser: PseudoLabelDebiasing | None = None,
     **_,
 ) -> dict[str, torch.Tensor]:
     """CE(strong view, pseudo-label of the weak view) where its confidence passes its class's
     flexible threshold (from the record before this batch); then this batch is recorded."""
-    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner)
+    logits_x, weak_probs, logits_strong = weak_targets(model, x, u_weak, u_strong, teacher, aligner, debiaser)
     class_thresholds = learning_effect.thresholds()
     targets, mask = pseudo_labels(weak_probs, class_thresholds)
     learning_effect.record(u_index, weak_probs)
     loss_sup = F.cross_entropy(logits_x, y)
-    loss_unsup = masked_cross_entropy(logits_strong, targets, mask)
+    loss_unsup = pseudo_label_loss(logits_strong, targets, mask, debiaser)
     return {
         "loss": loss_sup + lambda_u * loss_unsup,
         **unlabeled_report(loss_sup, loss_unsup, mask, weak_probs, u_true),

@@ -68,6 +68,31 @@ def align_distribution(probs: torch.Tensor, model_mean: torch.Tensor, target_mea
     return aligned / aligned.sum(dim=1, keepdim=True)
 
 
+def debias_probabilities(probs: torch.Tensor, prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """DebiasPL's pseudo-label debiasing (Wang et al. 2022): ``softmax(log p - tau log prior)``,
+    i.e. ``Normalize(p * prior^-tau)``.
+
+    ``prior`` is a running mean of the model's predictions on unlabeled data: classes it
+    over-predicts are scaled down. At ``tau`` 1 with a uniform class prior this is ReMixMatch's
+    distribution alignment; ``tau`` 0 leaves ``p`` as it is.
+    """
+    debiased = probs.detach().float() * prior.clamp_min(1e-12).pow(-tau)
+    return debiased / debiased.sum(dim=1, keepdim=True)
+
+
+def logit_adjusted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """DebiasPL's adaptive marginal loss: ``masked CE(logits + tau log prior, targets)``.
+
+    Logit adjustment (Menon et al. 2021) with the model's own running prediction mean as the
+    prior: a pseudo-label of a class the model over-predicts is met with less raw logit, one of
+    a rare class needs more, so the raw logits (what the model predicts with) move away from
+    the classes it drifts towards. The prior carries no gradient.
+    """
+    return masked_cross_entropy(logits + tau * torch.log(prior.detach().clamp_min(1e-12)).to(logits.dtype), targets, mask)
+
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``mean_i mask_i * CE(logits_i, targets_i)`` over all samples (masked ones count as 0)."""
     return (F.cross_entropy(logits, targets, reduction="none") * mask).mean()
