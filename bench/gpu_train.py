@@ -102,7 +102,7 @@ def bare_images_per_s(params: Params, method: str, data: PreparedData, amp_dtype
     dim = feature_dim(encoder, data.in_chans, data.image_size)
     size = (data.in_chans, data.image_size, data.image_size)
     if method in PRETRAIN_METHODS:
-        config, _ = pretrain_job(params, method, len(data.split.pretrain))
+        config, _ = pretrain_job(params, method)
         model = PRETRAIN_METHODS[method](encoder, dim, **config["method_kwargs"])
         batch = params.pretrain.batch_size
         inputs = [torch.randn(batch, *size, device=device) for _ in range(model.num_views)]
@@ -213,7 +213,7 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         if method in PRETRAIN_METHODS:
-            config, name = pretrain_job(params, method, len(data.split.pretrain))
+            config, name = pretrain_job(params, method)
             loop, batch = pretrain_loop, params.pretrain.batch_size
         else:
             params = params.model_copy(update={"semisup": params.semisup.model_copy(update={"init": "random"})})

@@ -213,7 +213,7 @@ def encoder_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def train_simclr(jobs: Jobs, params: Params, data: PreparedData) -> dict[str, Any] | None:
     from lowlabel.train.pretrain import pretrain_loop
 
-    config, run_name = pretrain_job(params, "simclr", len(data.split.pretrain))
+    config, run_name = pretrain_job(params, "simclr")
     return jobs.run(f"simclr-s{params.seed}", params, pretrain_loop, config, data.root, run_name)
 
 

@@ -71,13 +71,13 @@ def main() -> None:
     for key, value in (("pretrain.max_steps_per_epoch", args.steps), ("pretrain.epochs", args.epochs), ("pretrain.min_steps", 0), ("pretrain.eval_every", 1000)):
         set_param(raw, key, str(value))
     params = type(params).model_validate(raw)
-    data = PreparedData.load(args.prepared)
+    PreparedData.load(args.prepared)  # fails early, naming the folder, when it is not a prepared one
 
     rates = {}
     cluster = two_host_cluster() if args.two_hosts else simulated_cluster()
     with cluster as (address, storage_root):
         for workers in (1, 2):
-            config, name = pretrain_job(params, args.method, len(data.split.pretrain))
+            config, name = pretrain_job(params, args.method)
             result = run_training_job(
                 pretrain_loop, {**common_config(params, args.prepared), **config, "cpus_per_worker": 1}, name=f"{name}-w{workers}",
                 workers=workers, use_gpu=False, cpus_per_worker=1, storage_path=tempfile.mkdtemp(prefix="scaling-", dir=storage_root),

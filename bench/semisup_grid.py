@@ -162,7 +162,7 @@ def main() -> None:
             print(f"pretrain {init}: reusing {path}", flush=True)
             continue
         p = with_updates(params, pretrain={"epochs": args.pretrain_epochs, "min_steps": 0, "eval_every": args.pretrain_epochs})
-        config, name = pretrain_job(p, init, len(arrays["train_labels"]))
+        config, name = pretrain_job(p, init)
         started = time.perf_counter()
         state = train(p, pretrain_loop, config, name, data0, storage)
         save_encoder(path, state["encoder"], arch=p.encoder.arch, width=p.encoder.width, in_chans=arrays["train_images"].shape[-1], source=f"bench pretrain {init}")

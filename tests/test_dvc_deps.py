@@ -202,6 +202,19 @@ def test_pretraining_never_depends_on_semisupervised_code(stage):
     assert not listed, f"{stage}'s deps cover semi-supervised files: {listed}"
 
 
+@pytest.mark.parametrize("stage", sorted(n for n in STAGES if n.startswith(("semisup@", "meta@"))))
+def test_semisupervised_and_meta_training_never_depend_on_self_supervised_code(stage):
+    """An edit to MoCo & co. re-runs the pretraining that uses it, not the stages after it (they
+    read its encoder, a dep of theirs): they neither import SSL method code nor list it."""
+    ssl_files = {module_file(m).relative_to(REPO).as_posix() for m in import_closure("lowlabel.methods.ssl")
+                 if m.startswith("lowlabel.methods.ssl")}
+    assert "src/lowlabel/methods/ssl/moco.py" in ssl_files
+    imported = sorted(m for m in import_closure(stage_module(STAGES[stage])) if m.startswith("lowlabel.methods.ssl"))
+    assert not imported, f"{stage} imports self-supervised modules: {imported}"
+    listed = sorted(f for f in ssl_files if covered(f, dep_paths(STAGES[stage])))
+    assert not listed, f"{stage}'s deps cover self-supervised files: {listed}"
+
+
 def test_the_preflight_table_agrees_with_the_semisup_registry():
     """Preflight (run by pretrain too) reads which methods need unlabeled images from a table in
     lowlabel.config, which imports no semi-supervised code; it must say what the methods say."""

@@ -89,3 +89,13 @@ def test_default_queue_size_is_a_multiple_of_the_batch():
     assert default_queue_size(100, 64) == 64
     assert default_queue_size(10**6, 256) % 256 == 0
 
+
+
+def test_the_worker_sizes_a_null_queue_to_the_data_and_keeps_a_given_one():
+    from lowlabel.methods.ssl import PRETRAIN_METHODS
+
+    assert MoCo.resolve_kwargs({"queue_size": None, "momentum": 0.99}, num_images=30000, global_batch=256) == {"queue_size": 7424, "momentum": 0.99}
+    assert MoCo.resolve_kwargs({"queue_size": 512}, num_images=30000, global_batch=256) == {"queue_size": 512}
+    # Methods without data-dependent defaults take their params as they are.
+    simclr_kwargs = {"temperature": 0.1, "proj_dim": 128}
+    assert PRETRAIN_METHODS["simclr"].resolve_kwargs(simclr_kwargs, num_images=30000, global_batch=256) == simclr_kwargs

@@ -12,7 +12,7 @@ from lowlabel.runner import jobs
 
 
 def names(params: Params, prepared, init=None) -> tuple[str, str]:
-    _, pretrain = jobs.pretrain_job(params, "simclr", 100, inputs=(prepared,))
+    _, pretrain = jobs.pretrain_job(params, "simclr", inputs=(prepared,))
     _, semisup = jobs.semisup_job(params, "fixmatch", init, inputs=(prepared,))
     return pretrain, semisup
 

@@ -101,16 +101,13 @@ def common_config(params: Params, data_dir: str | Path, tracking_uri: str | None
     }
 
 
-def pretrain_job(params: Params, method: str, num_images: int, inputs: tuple[str | Path, ...] = ()) -> tuple[dict[str, Any], str]:
+def pretrain_job(params: Params, method: str, inputs: tuple[str | Path, ...] = ()) -> tuple[dict[str, Any], str]:
     """(loop config without the common keys, Ray run name) of ``pretrain@<method>``; the name
-    hashes the params, the code and the files ``inputs`` (the prepared data)."""
+    hashes the params, the code and the files ``inputs`` (the prepared data). Data-dependent
+    defaults of the method (MoCo's queue size) are resolved in the worker
+    (``SSLMethod.resolve_kwargs``): this module imports no method code."""
     cfg = params.pretrain
     kwargs = getattr(cfg, method).model_dump()
-    if method == "moco" and kwargs["queue_size"] is None:
-        # Imported here: the meta and semisup jobs built in this module need no SSL method code.
-        from lowlabel.methods.ssl.moco import default_queue_size
-
-        kwargs["queue_size"] = default_queue_size(num_images, cfg.batch_size)
     config = {
         "label": f"pretrain@{method}",
         "method": method,

@@ -21,7 +21,7 @@ def pretrain(params: Params, method: str) -> dict:
     dvc_stage = f"pretrain@{method}"
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:
         log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
-        config, name = pretrain_job(params, method, len(data.split.pretrain), inputs=(PREPARED_DIR,))
+        config, name = pretrain_job(params, method, inputs=(PREPARED_DIR,))
         state, ray_run = train_in_ray(params, pretrain_loop, config, name)
         history = state["history"]
         last = history[-1]

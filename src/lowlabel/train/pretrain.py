@@ -87,7 +87,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     ctx = setup_worker(job)
     data = open_data(job.data)
     encoder = build_encoder(job.arch, data.in_chans, job.width)
-    method = PRETRAIN_METHODS[job.method](encoder, feature_dim(encoder, data.in_chans, data.image_size), **job.method_kwargs)
+    method_class = PRETRAIN_METHODS[job.method]
+    kwargs = method_class.resolve_kwargs(dict(job.method_kwargs), num_images=len(data.split.pretrain), global_batch=job.batch_size)
+    method = method_class(encoder, feature_dim(encoder, data.in_chans, data.image_size), **kwargs)
 
     # runtime.augment: views made per image in the DataLoader (cpu), or per batch here on ctx.device
     # from the uint8 images the DataLoader yields (device; seeded per (seed, epoch, step, rank, view)).

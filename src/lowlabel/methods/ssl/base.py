@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +45,14 @@ class SSLMethod(nn.Module, ABC):
         super().__init__()
         self.encoder = encoder
         self.feat_dim = feat_dim
+
+    @classmethod
+    def resolve_kwargs(cls, kwargs: dict[str, Any], num_images: int, global_batch: int) -> dict[str, Any]:
+        """The constructor's keyword arguments from the method's params section, with defaults that
+        depend on the data (``num_images`` to pretrain on) resolved; default: as they are. Called
+        in the worker, so the job builder needs no method code (pretrain's import closure stays
+        out of semisup's and meta's DVC deps)."""
+        return kwargs
 
     def view_specs(self, image_size: int, crop_scale: tuple[float, float]) -> list[ViewSpec]:
         """The views the loop makes of every image, in the order :meth:`training_step` gets them:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,12 @@ class MoCo(MomentumSSLMethod):
         self.register_buffer("queue", F.normalize(torch.randn(proj_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._warned = False
+
+    @classmethod
+    def resolve_kwargs(cls, kwargs: dict[str, Any], num_images: int, global_batch: int) -> dict[str, Any]:
+        if kwargs.get("queue_size") is None:  # pretrain.moco.queue_size null: sized to the data
+            return {**kwargs, "queue_size": default_queue_size(num_images, global_batch)}
+        return kwargs
 
     def momentum_forward(self, x: torch.Tensor) -> torch.Tensor:
         encoder, projector = self.momentum_branch
