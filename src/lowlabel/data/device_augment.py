@@ -21,7 +21,7 @@ RandAugment, whose ops are defined on uint8).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kornia.augmentation as K
 import numpy as np
@@ -399,6 +399,16 @@ def uint8_batch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
 
 
+def view_loader(fetch: Callable[[np.ndarray], np.ndarray], view: DeviceView, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
+    """Row indices -> ``view`` of those images on ``device``, the uint8 rows read by ``fetch``;
+    the view at step 0 (for the eval view: no randomness). Episodes load their images with it."""
+
+    def load(rows: np.ndarray) -> torch.Tensor:
+        return view(uint8_batch(fetch(np.asarray(rows))).to(device), 0)
+
+    return load
+
+
 __all__ = [
     "AUGMENT_MODES",
     "ContrastiveView",
@@ -416,5 +426,6 @@ __all__ = [
     "shift_reflect",
     "strong_view",
     "uint8_batch",
+    "view_loader",
     "weak_view",
 ]

@@ -342,11 +342,7 @@ def evaluate_meta_method(method: MetaMethod, data: PreparedData, episodes: list[
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method = method.to(device)
     view = device_augment.eval_view(data.mean, data.std).to(device)
-    fetch = novel_pool_images(data)
-
-    def load(rows: np.ndarray) -> torch.Tensor:
-        return view(device_augment.uint8_batch(fetch(rows)).to(device), 0)
-
+    load = device_augment.view_loader(novel_pool_images(data), view, device)
     accuracies = episode_accuracies(method, (load_episode(episode, load).to(device) for episode in episodes))
     n_way, k_shot = episodes[0].n_way, episodes[0].k_shot
     return FewShotResult(

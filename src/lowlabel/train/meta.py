@@ -48,15 +48,6 @@ def build_meta_method(job: MetaJob, in_chans: int, image_size: int) -> MetaMetho
     return META_METHODS[job.method](encoder, feature_dim(encoder, in_chans, image_size), job.ways, **job.method_kwargs)
 
 
-def image_loader(images: np.ndarray, view: device_augment.DeviceView, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
-    """Indices -> normalised float images on ``device`` (the eval view: no randomness)."""
-
-    def load(indices: np.ndarray) -> torch.Tensor:
-        return view(device_augment.uint8_batch(images[np.asarray(indices)]).to(device), 0)
-
-    return load
-
-
 class UnsupervisedEpisodes:
     """UMTRA episodes (Khodadadeh et al. 2019): ``ways`` distinct unlabeled images drawn by the
     episode's seed are its classes; ``shots`` + ``queries`` random views of each are its
@@ -113,7 +104,7 @@ def meta_loop(config: dict[str, Any]) -> None:
     method = build_meta_method(job, data.in_chans, data.image_size).to(ctx.device)
     per_worker = job.meta_batch // ctx.world_size
     normalise = device_augment.eval_view(data.mean, data.std).to(ctx.device)
-    load = image_loader(data.train_images, normalise, ctx.device)
+    load = device_augment.view_loader(data.train_images.__getitem__, normalise, ctx.device)
     pool = np.asarray(job.pool_indices)
     if job.episodes_from == "unsupervised":
         contrastive = device_augment.contrastive_view(data.image_size, data.in_chans, data.mean, data.std, crop_scale=tuple(job.crop_scale)).to(ctx.device)
@@ -122,7 +113,7 @@ def meta_loop(config: dict[str, Any]) -> None:
         )
     else:
         source = LabeledEpisodes(load, pool, np.asarray(job.pool_labels), job.ways, job.shots, job.queries, job.seed, ctx.rank)
-    validation = validation_episodes(job, data, image_loader(data.test_images, normalise, ctx.device)) if ctx.is_main else None
+    validation = validation_episodes(job, data, device_augment.view_loader(data.test_images.__getitem__, normalise, ctx.device)) if ctx.is_main else None
 
     optim = dict(job.optim) | (method.outer_optimizer() or {})
     optimizer, schedule = build_optimizer(method, job.steps, **optim)
