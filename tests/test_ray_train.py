@@ -281,12 +281,13 @@ def test_dino_multi_crop_trains_as_a_two_worker_job(ray_local, tiny_prepared, ml
         ("pseudolabel", "cpu", {"mu": 2, "lambda_u": 1.0, "threshold": 0.5, "rampup_start": 0.0, "rampup_end": 0.4}),
         ("meanteacher", "device", {"mu": 2, "lambda_u": 50.0, "rampup_fraction": 0.4, "teacher": "ema"}),
         ("mixmatch", "cpu", {"mu": 2, "temperature": 0.5, "mix_alpha": 0.5, "lambda_u": 100.0, "rampup_fraction": 0.4}),
-        ("flexmatch", "device", {"mu": 2, "lambda_u": 1.0, "threshold": 0.5, "threshold_warmup": True, "teacher": "student", "dist_align": False}),
+        ("flexmatch", "device", {"mu": 2, "lambda_u": 1.0, "threshold": 0.5, "threshold_warmup": True, "teacher": "student", "dist_align": False,
+                                 "debias": 0.4, "debias_momentum": 0.9}),
     ],
 )
 def test_more_semisup_methods_train_as_two_worker_jobs(ray_local, tiny_prepared, mlflow_uri, tmp_path, method, augment, kwargs):
     """Each method gets the unlabeled views it asks for, on either augmentation path; FlexMatch's
-    per-image record is filled from both workers' batches and checkpointed."""
+    per-image record is filled from both workers' batches and checkpointed, as is its DebiasPL prior."""
     client, run_id = new_run(mlflow_uri)
     config = fixmatch_config(tiny_prepared, mlflow_uri, run_id, label=f"test-{method}", ema_decay=0.9)
     config |= {"method": method, "method_kwargs": kwargs, "augment": augment}
@@ -301,3 +302,5 @@ def test_more_semisup_methods_train_as_two_worker_jobs(ray_local, tiny_prepared,
         selected = state["method_state"]["learning_effect"]["selected"]
         # one entry per unlabeled image (4 base classes x 40, less 2 labels each); some recorded
         assert len(selected) == 4 * 40 - 4 * 2 and (selected >= -1).all() and (selected >= 0).any()
+        prior = state["method_state"]["debiaser"]["prior"]
+        assert prior.sum().item() == pytest.approx(1.0) and not torch.allclose(prior, torch.full_like(prior, 0.25))
