@@ -82,7 +82,7 @@ def write_params(wd: Path, **sections: dict[str, Any]) -> None:
         "encoder": {"width": 8},
         "runtime": {"workers": 1, "storage_path": str(wd / "ray")},
         "tracking": {"uri": f"sqlite:///{wd / 'mlflow.db'}", "artifact_root": str(wd / "mlartifacts")},
-        "pretrain": {"methods": ["simclr"], "epochs": 1, "batch_size": 32},
+        "pretrain": {"methods": ["simclr"], "epochs": 1, "min_steps": 0, "batch_size": 32},
         "semisup": {"methods": ["fixmatch"], "init": "random", "steps": 2, "batch_size": 8},
         "fewshot": {"ways": [2], "shots": [1, 5], "queries": 10, "episodes": 5},
     }

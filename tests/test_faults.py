@@ -33,7 +33,7 @@ def write_params(workdir: Path, storage: Path, epochs: int, tracking_uri: str | 
     params = {
         "encoder": {"width": 8},
         "runtime": {"workers": 1, "storage_path": str(storage)},
-        "pretrain": {"methods": ["simclr"], "epochs": epochs, "batch_size": 32, "eval_every": 1000},
+        "pretrain": {"methods": ["simclr"], "epochs": epochs, "min_steps": 0, "batch_size": 32, "eval_every": 1000},
         "semisup": {"init": "random"},
     }
     if tracking_uri:

@@ -25,7 +25,7 @@ def pretrain(tmp_path: Path, tiny_prepared: Path, **env_extra: str) -> str:
     params = {
         "encoder": {"width": 8},
         "runtime": {"workers": 1, "storage_path": str(tmp_path / "ray")},
-        "pretrain": {"methods": ["simclr"], "epochs": 2, "batch_size": 32, "eval_every": 1},
+        "pretrain": {"methods": ["simclr"], "epochs": 2, "min_steps": 0, "batch_size": 32, "eval_every": 1},
         "semisup": {"init": "random"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -104,7 +104,7 @@ def test_pretrain_stage_stops_on_a_non_finite_loss_and_marks_the_run_failed(tmp_
     params = {
         "encoder": {"width": 8},
         "runtime": {"workers": 1, "storage_path": str(tmp_path / "ray")},
-        "pretrain": {"methods": ["simclr"], "epochs": 2, "batch_size": 32, "eval_every": 5,
+        "pretrain": {"methods": ["simclr"], "epochs": 2, "min_steps": 0, "batch_size": 32, "eval_every": 5,
                      "optim": {"optimizer": "sgd", "lr": 1.0e30, "momentum": 0.0, "warmup_fraction": 0.0}},
         "semisup": {"init": "random"},
     }
@@ -134,7 +134,7 @@ def test_a_hangup_mid_training_fails_the_run_and_a_rerun_resumes(tmp_path, tiny_
     params = {
         "encoder": {"width": 8},
         "runtime": {"workers": 1, "storage_path": str(storage)},
-        "pretrain": {"methods": ["simclr"], "epochs": 40, "batch_size": 32, "eval_every": 100},
+        "pretrain": {"methods": ["simclr"], "epochs": 40, "min_steps": 0, "batch_size": 32, "eval_every": 100},
         "semisup": {"init": "random"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

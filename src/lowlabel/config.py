@@ -268,8 +268,9 @@ class PretrainConfig(_Section):
     methods: list[Literal[PRETRAIN_METHODS]] = Field(default_factory=lambda: ["simclr", "moco"])  # type: ignore[valid-type]
     epochs: PositiveInt = 2
     # A floor on the optimiser steps: more whole epochs when `epochs` gives fewer (small folders).
-    # params.yaml sets the pipeline's 200; 0 here keeps hand-written configs on their epochs.
-    min_steps: Annotated[int, Field(ge=0)] = 0
+    # The default everywhere (params.yaml, presets, a params file that omits it): a newcomer's
+    # small folder is trained enough without knowing the key; 0 keeps a config on its epochs.
+    min_steps: Annotated[int, Field(ge=0)] = 200
     batch_size: PositiveInt = 256
     max_steps_per_epoch: PositiveInt | None = None
     optim: Optim = Optim(optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_fraction=0.05)
