@@ -35,19 +35,14 @@ from lowlabel.config import PRETRAIN_METHODS as METHOD_NAMES
 from lowlabel.config import load_params
 from lowlabel.data import device_augment
 from lowlabel.data.prepared import PreparedData
-from lowlabel.methods.ssl import PRETRAIN_METHODS
-from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.train.optim import build_optimizer
-from lowlabel.train.pretrain import build_views
+from lowlabel.train.pretrain import build_ssl_method, build_views
 
 
 def make_stepper(name: str, params, data: PreparedData, batch: int):
     """A closure running one full step of ``name`` on a given uint8 batch (seeded views)."""
     torch.manual_seed(0)
-    encoder = build_encoder(params.encoder.arch, data.in_chans, params.encoder.width)
-    cls = PRETRAIN_METHODS[name]
-    kwargs = cls.resolve_kwargs(getattr(params.pretrain, name).model_dump(), num_images=len(data.split.pretrain), global_batch=batch)
-    method = cls(encoder, feature_dim(encoder, data.in_chans, data.image_size), **kwargs)
+    method = build_ssl_method(name, getattr(params.pretrain, name).model_dump(), params.encoder.arch, params.encoder.width, data, batch)
     method.to(memory_format=torch.channels_last)
     specs = method.view_specs(data.image_size, tuple(params.pretrain.crop_scale))
     views = build_views(specs, lambda size, scale: device_augment.contrastive_view(size, data.in_chans, data.mean, data.std, crop_scale=scale))

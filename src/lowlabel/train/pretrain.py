@@ -25,7 +25,7 @@ from lowlabel.data.prepared import PreparedData
 from lowlabel.distributed import all_reduce_mean
 from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
 from lowlabel.methods.ssl import PRETRAIN_METHODS
-from lowlabel.methods.ssl.base import ViewSpec
+from lowlabel.methods.ssl.base import SSLMethod, ViewSpec
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.runner.inputs import open_data
 from lowlabel.runner.job_config import PretrainJob
@@ -82,14 +82,21 @@ def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData
     return knn_accuracy(bank_feats, torch.from_numpy(data.train_labels[bank]), test_feats, torch.from_numpy(data.test_labels[test]), k=k)
 
 
+def build_ssl_method(name: str, method_kwargs: dict[str, Any], arch: str, width: int, data: PreparedData, global_batch: int) -> SSLMethod:
+    """The SSL method ``name`` on a fresh ``arch`` encoder, its params section's data-dependent
+    defaults (MoCo's queue size) resolved for ``data``'s pretraining images."""
+    encoder = build_encoder(arch, data.in_chans, width)
+    method_class = PRETRAIN_METHODS[name]
+    kwargs = method_class.resolve_kwargs(dict(method_kwargs), num_images=len(data.split.pretrain), global_batch=global_batch)
+    return method_class(encoder, feature_dim(encoder, data.in_chans, data.image_size), **kwargs)
+
+
 def pretrain_loop(config: dict[str, Any]) -> None:
     job = PretrainJob.from_config(config)
     ctx = setup_worker(job)
     data = open_data(job.data)
-    encoder = build_encoder(job.arch, data.in_chans, job.width)
-    method_class = PRETRAIN_METHODS[job.method]
-    kwargs = method_class.resolve_kwargs(dict(job.method_kwargs), num_images=len(data.split.pretrain), global_batch=job.batch_size)
-    method = method_class(encoder, feature_dim(encoder, data.in_chans, data.image_size), **kwargs)
+    method = build_ssl_method(job.method, job.method_kwargs, job.arch, job.width, data, job.batch_size)
+    encoder = method.encoder
 
     # runtime.augment: views made per image in the DataLoader (cpu), or per batch here on ctx.device
     # from the uint8 images the DataLoader yields (device; seeded per (seed, epoch, step, rank, view)).
