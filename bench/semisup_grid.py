@@ -15,6 +15,12 @@ params.yaml (Fashion-MNIST by default), base classes only; ``--npz`` reads array
 2. For each labels-per-class L and seed s: a fresh split (seed s draws the labeled images), then
    every init x method for ``--steps`` steps. The number reported is the EMA model's accuracy on
    the base-class test images at the last step (not the best step: that would select on test).
+3. Settings are chosen on a validation split, never on the test set: the base-class test images
+   are halved once, stratified by class with a fixed seed (``--val-fraction``), and each run's
+   final EMA model is scored on both halves (``val_acc``, ``heldout_acc`` in OUT.jsonl). Compare
+   variants on ``val_acc``; report the chosen one's ``heldout_acc``. ``acc`` (the whole test set,
+   as the loop's monitor sees it) stays the column of the method tables, which use the methods'
+   published settings and choose nothing.
 Prints a table of mean ± std over seeds and each method's margin over supervised-only with the
 same init and labels; writes every run's numbers to ``--out``.
 """
@@ -94,14 +100,35 @@ def train(params: Params, loop, config: dict, name: str, data_dir: Path, storage
     return state
 
 
-def per_class_accuracy(params: Params, ema_state: dict, data_dir: Path) -> list[float]:
-    """Each base class's test accuracy of the final EMA model (where the errors are)."""
+# Fixed, not a label-draw seed: every run of the grid is scored on the same validation half.
+VALIDATION_SEED = 20261207
+
+
+def validation_mask(truth: np.ndarray, fraction: float, seed: int = VALIDATION_SEED) -> np.ndarray:
+    """True for the validation part of the test images: ``fraction`` of each class, drawn by ``seed``."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(truth), dtype=bool)
+    for c in np.unique(truth):
+        members = np.flatnonzero(truth == c)
+        mask[rng.permutation(members)[: round(fraction * len(members))]] = True
+    return mask
+
+
+def final_model_scores(params: Params, ema_state: dict, data_dir: Path, val_fraction: float) -> dict:
+    """The final EMA model on the base test images: each class's accuracy (where the errors are),
+    and the accuracy on the validation and held-out halves."""
     data = PreparedData.load(data_dir)
     encoder = build_encoder(params.encoder.arch, data.in_chans, params.encoder.width)
     model = Classifier(encoder, feature_dim(encoder, data.in_chans, data.image_size), len(data.split.base_classes))
     model.load_state_dict(ema_state)
     predicted, truth = test_predictions(model, data)
-    return [round(float((predicted[truth == c] == c).mean()), 4) for c in range(len(data.split.base_classes))]
+    right = predicted == truth
+    val = validation_mask(truth, val_fraction)
+    return {
+        "per_class_acc": [round(float(right[truth == c].mean()), 4) for c in range(len(data.split.base_classes))],
+        "val_acc": round(float(right[val].mean()), 4),
+        "heldout_acc": round(float(right[~val].mean()), 4),
+    }
 
 
 def with_updates(params: Params, **sections: dict) -> Params:
@@ -132,7 +159,11 @@ def main() -> None:
     parser.add_argument("--encoders-dir", default=None, help="reuse <init>.pt found here; pretrain and save the others here")
     parser.add_argument("--pretrain-only", action="store_true")
     parser.add_argument("--parallel", type=int, default=1, help="grid jobs at a time (each gets 1/N of a GPU when there is one)")
+    parser.add_argument("--val-fraction", type=float, default=0.5, help="share of each class's base test images that is "
+                        "the validation split settings are chosen on (val_acc); the rest is heldout_acc")
     args = parser.parse_args()
+    if not 0 < args.val_fraction < 1:
+        raise SystemExit(f"--val-fraction {args.val_fraction}: expected a share in (0, 1)")
 
     raw = yaml.safe_load(Path(args.params).read_text())
     for item in args.set:
@@ -201,13 +232,14 @@ def main() -> None:
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
                "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name,
                "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc", "pseudo_balance")} for h in state["history"]],
-               "per_class_acc": per_class_accuracy(p, state["ema"], data_dirs[n_labels, seed])}
+               **final_model_scores(p, state["ema"], data_dirs[n_labels, seed], args.val_fraction)}
         with lock:
             runs.append(run)
             if log:
                 with log.open("a") as f:
                     f.write(json.dumps(run) + "\n")
-            print(f"L{n_labels} seed {seed} {init:<7} {method:<11} EMA test acc {run['acc']:.4f}  ({run['seconds']:.0f} s)", flush=True)
+            print(f"L{n_labels} seed {seed} {init:<7} {method:<11} EMA test acc {run['acc']:.4f} "
+                  f"(validation half {run['val_acc']:.4f}, held-out half {run['heldout_acc']:.4f}; {run['seconds']:.0f} s)", flush=True)
 
     grid = [(n, s, i, m) for n in labels for s in seeds for i in inits for m in methods]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -233,6 +265,13 @@ def main() -> None:
                     d = a - accs(n_labels, init, "supervised") * 100
                     deltas.append(f"{d.mean():>+9.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:>3.1f}")
             print(f"{n_labels:>12} {init:<8}" + "".join(f"{c:>16}" for c in cells) + "".join(f"{d:>14}" for d in deltas))
+    print("\nvalidation half (choose settings on this), mean over the seeds that have it:")
+    for n_labels in labels:
+        for init in inits:
+            for method in methods:
+                v = [r["val_acc"] for r in runs if (r["labels"], r["init"], r["method"]) == (n_labels, init, method) and "val_acc" in r]
+                if v:
+                    print(f"{n_labels:>12} {init:<8} {method:<12} {np.mean(v) * 100:.1f} ({len(v)} seeds)")
     if pretrain_acc:
         print("pretrain kNN (base test, 5k bank): " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain_acc.items()))
     if args.out:
