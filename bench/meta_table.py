@@ -5,6 +5,8 @@
         [--episodes 200] [--methods protonet,matchingnet,relationnet,maml,reptile] [--max-jobs N]
     # Fashion-MNIST at params.yaml's 4 labels/class: meta-training on labels / pseudo-labels / none:
     python bench/meta_table.py --out DIR --episodes-from labels,pseudo,unsupervised --seeds 0,1
+    # the same on glyphs at presets/glyphs.yaml's 2 labels/class (scaled by --classes / --novel):
+    python bench/meta_table.py --out DIR --data glyphs --episodes-from labels,pseudo,unsupervised --meta-queries 1
 
 Every model is trained by the Ray Train job its pipeline stage launches (lowlabel.runner.jobs:
 ``meta_job`` + ``meta_loop``, ``semisup_job`` + ``semisup_loop``, ``pretrain_job`` +
@@ -30,7 +32,9 @@ Then, on the novel classes, the same seeded episodes for every row (``--episodes
 Reports meta-training wall time (the Ray job, with its start-up) and episodes/s (training loop).
 
 pseudo mode (``--episodes-from``): Fashion-MNIST with params.yaml's split (4 labels per base
-class; ``--max-train-per-class`` caps the base training images to fit the budget), per seed
+class; ``--max-train-per-class`` caps the base training images to fit the budget) or, with
+``--data glyphs``, the glyphs preset's low-label split (2 labels per base class, ``--classes``
+characters, ``--novel`` of them held out, every image of a novel class in its pool), per seed
 in ``--seeds``: a FixMatch classifier from the SimCLR encoder (one SimCLR run, seed 0), a
 supervised one, then ``--methods`` (default protonet) meta-trained from ``--meta-init`` (default
 params.yaml's ``meta.init``) on each episode source: ``labels`` (the labeled images),
@@ -126,6 +130,25 @@ def fashion_params(args: argparse.Namespace) -> Params:
     return finish_params(raw, args, f"{args.params} + bench/meta_table.py")
 
 
+def glyphs_lowlabel_params(args: argparse.Namespace) -> Params:
+    """presets/glyphs.yaml (2 labels per base class) over the defaults, scaled down by the
+    arguments; its meta section as params.yaml's (the pipeline's semisup and meta stages)."""
+    raw = merge(Params().model_dump(mode="json"), yaml.safe_load((PRESETS_DIR / "glyphs.yaml").read_text()))
+    raw["data"]["glyphs"]["num_classes"] = args.classes
+    raw["data"]["novel_classes"] = args.novel
+    raw["meta"] = merge(raw["meta"], yaml.safe_load(Path(args.params).read_text())["meta"])
+    if args.meta_init:
+        raw["meta"]["init"] = args.meta_init
+    return finish_params(raw, args, "presets/glyphs.yaml + bench/meta_table.py")
+
+
+# pseudo mode's data: (its params, the tag in job and folder names, its name in the report)
+LOW_LABEL_DATA: dict[str, tuple[Callable[[argparse.Namespace], Params], str, str]] = {
+    "fashion": (fashion_params, "fmnist", "Fashion-MNIST"),
+    "glyphs": (glyphs_lowlabel_params, "glyphs-low", "glyphs"),
+}
+
+
 def finish_params(raw: dict[str, Any], args: argparse.Namespace, source: str) -> Params:
     """The budget and runtime of this bench, then ``--set`` overrides; validated like params.yaml."""
     raw["runtime"] |= {"workers": args.workers}
@@ -210,11 +233,11 @@ def encoder_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state["encoder"] if "encoder" in state else Classifier.encoder_state(state["ema"])
 
 
-def train_simclr(jobs: Jobs, params: Params, data: PreparedData) -> dict[str, Any] | None:
+def train_simclr(jobs: Jobs, params: Params, data: PreparedData, name: str = "simclr") -> dict[str, Any] | None:
     from lowlabel.train.pretrain import pretrain_loop
 
     config, run_name = pretrain_job(params, "simclr")
-    return jobs.run(f"simclr-s{params.seed}", params, pretrain_loop, config, data.root, run_name)
+    return jobs.run(f"{name}-s{params.seed}", params, pretrain_loop, config, data.root, run_name)
 
 
 def train_semisup(jobs: Jobs, params: Params, data: PreparedData, method: str, init: str | None, tag: str) -> dict[str, Any] | None:
@@ -445,23 +468,26 @@ def glyphs_mode(args: argparse.Namespace, jobs: Jobs) -> str | None:
             "| published | accuracy (%) |\n|---|---|\n" + literature + "\n")
 
 
-def fashion_mode(args: argparse.Namespace, jobs: Jobs) -> str | None:
-    base = fashion_params(args)
+def lowlabel_mode(args: argparse.Namespace, jobs: Jobs) -> str | None:
+    make_params, tag, _ = LOW_LABEL_DATA[args.data]
+    base = make_params(args)
     simclr_params = with_section(base, "seed", value=args.seeds[0])
-    simclr = train_simclr(jobs, simclr_params, prepare(simclr_params, args.out / f"prepared-fmnist-s{args.seeds[0]}"))
+    # Fashion-MNIST's SimCLR job keeps the name it had before --data (its kept jobs stay valid).
+    simclr_name = "simclr" if args.data == "fashion" else f"simclr-{tag}"
+    simclr = train_simclr(jobs, simclr_params, prepare(simclr_params, args.out / f"prepared-{tag}-s{args.seeds[0]}"), simclr_name)
     if simclr is None:
         return None
     trained: dict[int, tuple[Params, PreparedData, dict[tuple[str, str], dict[str, Any]], dict[str, dict[str, Any]]]] = {}
     pool_stats: dict[int, dict[str, float]] = {}
     for seed in args.seeds:
         params = with_section(base, "seed", value=seed)
-        data = prepare(params, args.out / f"prepared-fmnist-s{seed}")
-        simclr_file = jobs.encoder_file(f"simclr-s{args.seeds[0]}", simclr, params, data)
-        fix = train_semisup(jobs, params, data, "fixmatch", simclr_file, "fmnist")
-        sup = train_semisup(jobs, params, data, "supervised", simclr_file, "fmnist")
+        data = prepare(params, args.out / f"prepared-{tag}-s{seed}")
+        simclr_file = jobs.encoder_file(f"{simclr_name}-s{args.seeds[0]}", simclr, params, data)
+        fix = train_semisup(jobs, params, data, "fixmatch", simclr_file, tag)
+        sup = train_semisup(jobs, params, data, "supervised", simclr_file, tag)
         if fix is None or sup is None:
             return None
-        init_file = {"fixmatch": jobs.encoder_file(f"fixmatch-fmnist-s{seed}", fix, params, data), "simclr": simclr_file,
+        init_file = {"fixmatch": jobs.encoder_file(f"fixmatch-{tag}-s{seed}", fix, params, data), "simclr": simclr_file,
                      "random": None}.get(params.meta.init)
         if params.meta.init not in ("fixmatch", "simclr", "random"):
             raise SystemExit(f"--meta-init {params.meta.init}: this bench trains fixmatch / simclr / random starts only")
@@ -475,23 +501,24 @@ def fashion_mode(args: argparse.Namespace, jobs: Jobs) -> str | None:
             else:
                 pool = episode_pool(p, data)[:2]
             for method in args.methods:
-                state = train_meta(jobs, p, data, method, init_file, pool, f"fmnist-{source}")
+                state = train_meta(jobs, p, data, method, init_file, pool, f"{tag}-{source}")
                 if state is None:
                     return None
                 metas[source, method] = state
         trained[seed] = (params, data, metas, {"fixmatch": fix, "supervised": sup, "simclr": simclr})
     if args.train_only:
         return None
-    per_seed = {seed: fashion_seed_table(args, *parts, jobs) for seed, parts in trained.items()}
-    return fashion_report(args, base, per_seed, pool_stats)
+    per_seed = {seed: lowlabel_seed_table(args, *parts, jobs) for seed, parts in trained.items()}
+    return lowlabel_report(args, base, per_seed, pool_stats)
 
 
-def fashion_seed_table(args: argparse.Namespace, params: Params, data: PreparedData, metas: dict[tuple[str, str], dict[str, Any]],
-                       encoders: dict[str, dict[str, Any]], jobs: Jobs) -> Table:
+def lowlabel_seed_table(args: argparse.Namespace, params: Params, data: PreparedData, metas: dict[tuple[str, str], dict[str, Any]],
+                        encoders: dict[str, dict[str, Any]], jobs: Jobs) -> Table:
+    tag = LOW_LABEL_DATA[args.data][1]
     evaluator = Evaluator(params, data)
     table = Table(evaluator.settings())
     for (source, method), state in metas.items():
-        speed = meta_speed(state, jobs.wall[f"meta-{method}-fmnist-{source}-s{params.seed}"])
+        speed = meta_speed(state, jobs.wall[f"meta-{method}-{tag}-{source}-s{params.seed}"])
         table.add(f"meta {method} on {source}: own procedure", evaluator.own(rebuild_meta(params, data, method, state), params.meta.ways, adapts(method), args.adapt_episodes), **speed)
         table.add(f"meta {method} on {source}: frozen ProtoNet", evaluator.frozen(encoder_of(params, data, state))["protonet"])
     for name, state in (*encoders.items(), ("random", None)):
@@ -501,7 +528,7 @@ def fashion_seed_table(args: argparse.Namespace, params: Params, data: PreparedD
     return table
 
 
-def fashion_report(args: argparse.Namespace, params: Params, per_seed: dict[int, Table], pool_stats: dict[int, dict[str, float]]) -> str:
+def lowlabel_report(args: argparse.Namespace, params: Params, per_seed: dict[int, Table], pool_stats: dict[int, dict[str, float]]) -> str:
     first = next(iter(per_seed.values()))
     settings, rows = first.settings, list(first.rows)
     head = ["row", *[f"{s} seed {seed}" for s in settings for seed in per_seed], *[f"{s} mean" for s in settings]]
@@ -515,8 +542,9 @@ def fashion_report(args: argparse.Namespace, params: Params, per_seed: dict[int,
         speed += [f"| {row} | {seed} | {fmt(x['wall_s'])} | {fmt(x['episodes_per_s'])} | {fmt(x['base_val_acc_%'])} |" for row, x in table.extra.items()]
     pools = "\n".join(f"- seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()) for seed, stats in pool_stats.items())
     cfg = params.meta
-    return (f"### Fashion-MNIST, {params.data.labels_per_class} labels per base class (base training images capped at "
-            f"{params.data.max_train_per_class} per class): meta-training episode source, novel 5-way accuracy ± 95% CI (%), "
+    cap = f" (base training images capped at {params.data.max_train_per_class} per class)" if params.data.max_train_per_class else ""
+    return (f"### {LOW_LABEL_DATA[args.data][2]}, {params.data.labels_per_class} labels per base class{cap}: "
+            f"meta-training episode source, novel-class accuracy ± 95% CI (%), "
             f"{args.episodes} episodes per cell, seeds {args.seeds}\n\n"
             f"Meta: {', '.join(args.methods)} from {cfg.init}, {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query, meta_batch "
             f"{cfg.meta_batch}, {cfg.steps} steps; FixMatch and supervised from SimCLR ({params.pretrain.min_steps} steps), "
@@ -546,7 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=200, help="test episodes per setting")
     parser.add_argument("--adapt-episodes", type=int, default=100, help="test episodes per setting for MAML/Reptile's own procedure (slow)")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
-    parser.add_argument("--max-train-per-class", type=int, default=2000, help="pseudo mode: base training images per class")
+    parser.add_argument("--max-train-per-class", type=int, default=2000, help="pseudo mode, Fashion-MNIST: base training images per class")
+    parser.add_argument("--data", choices=sorted(LOW_LABEL_DATA), default="fashion", help="pseudo mode: params.yaml's Fashion-MNIST "
+                        "or presets/glyphs.yaml's low-label glyphs (scaled by --classes / --novel)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per job")
     parser.add_argument("--max-jobs", type=int, default=None, help="train at most N new jobs, then exit 3 if more are left")
     parser.add_argument("--train-only", action="store_true", help="train what is missing, skip the evaluation (which starts no Ray)")
@@ -562,9 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    mode = "pseudo" if args.episodes_from else "glyphs"
+    mode = ("pseudo" if args.data == "fashion" else f"pseudo_{args.data}") if args.episodes_from else "glyphs"
     jobs = Jobs(args.out / "jobs", args.max_jobs, args.slow_steps)
-    report = fashion_mode(args, jobs) if args.episodes_from else glyphs_mode(args, jobs)
+    report = lowlabel_mode(args, jobs) if args.episodes_from else glyphs_mode(args, jobs)
     if report is None:
         left = jobs.max_new is not None and jobs.started >= jobs.max_new
         print(f"[meta_table] {jobs.started} job(s) trained" + ("; more may be left: run again" if left else "; all trained"), flush=True)
