@@ -222,15 +222,18 @@ def main() -> None:
         config, name = semisup_job(p, method, encoders[init])
         name = f"{name}-{init}-L{n_labels}"
         if name in done:
+            row = done[name]
+            if row.get("val_fraction") != args.val_fraction:  # its halves are another split's (or it has none)
+                row = {k: v for k, v in row.items() if k not in ("val_acc", "heldout_acc")}
             with lock:
-                runs.append(done[name])
+                runs.append(row)
                 print(f"L{n_labels} seed {seed} {init:<7} {method:<11} EMA test acc {done[name]['acc']:.4f}  (reused from {log})", flush=True)
             return
         started = time.perf_counter()
         state = train(p, semisup_loop, config, name, data_dirs[n_labels, seed], storage, 1.0 / args.parallel)
         last = state["history"][-1]
         run = {"labels": n_labels, "seed": seed, "init": init, "method": method, "acc": last["test_acc_ema"],
-               "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name,
+               "mask_rate": last.get("mask_rate"), "pseudo_acc": last.get("pseudo_acc"), "seconds": time.perf_counter() - started, "run": name, "val_fraction": args.val_fraction,
                "curve": [{k: h.get(k) for k in ("step", "test_acc_ema", "mask_rate", "pseudo_acc", "pseudo_balance")} for h in state["history"]],
                **final_model_scores(p, state["ema"], data_dirs[n_labels, seed], args.val_fraction)}
         with lock:
@@ -247,8 +250,8 @@ def main() -> None:
             future.result()
 
     # 3. Table.
-    def accs(n, init, method):
-        return np.array([r["acc"] for r in runs if (r["labels"], r["init"], r["method"]) == (n, init, method)])
+    def accs(n, init, method, key="acc"):
+        return np.array([r[key] for r in runs if (r["labels"], r["init"], r["method"]) == (n, init, method) and key in r])
 
     print(f"\nEMA test accuracy (%) on base classes, {args.steps} steps, mean ± std over seeds {seeds}; "
           f"margin = method − supervised (same init, labels, seed)")
@@ -269,9 +272,9 @@ def main() -> None:
     for n_labels in labels:
         for init in inits:
             for method in methods:
-                v = [r["val_acc"] for r in runs if (r["labels"], r["init"], r["method"]) == (n_labels, init, method) and "val_acc" in r]
-                if v:
-                    print(f"{n_labels:>12} {init:<8} {method:<12} {np.mean(v) * 100:.1f} ({len(v)} seeds)")
+                v = accs(n_labels, init, method, "val_acc")
+                if len(v):
+                    print(f"{n_labels:>12} {init:<8} {method:<12} {v.mean() * 100:.1f} ({len(v)} seeds)")
     if pretrain_acc:
         print("pretrain kNN (base test, 5k bank): " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain_acc.items()))
     if args.out:
