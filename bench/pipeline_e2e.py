@@ -64,7 +64,9 @@ def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, flo
     marks: list[tuple[str, float]] = []
     log = open(workdir / "bench_repro.log", "a")  # noqa: SIM115 - closed after the process ends
     for line in proc.stdout:
-        log.write(line)
+        # Each line stamped with the seconds since the repro began: where a stage's time goes
+        # (Ray start-up, the first worker line, training, writing outputs) reads off the log.
+        log.write(f"[{time.perf_counter() - started:7.1f}s] {line}")
         log.flush()
         found = re.search(r"Running stage '([^']+)'", line)
         if found:

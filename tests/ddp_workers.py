@@ -273,3 +273,25 @@ def dino_steps(rank: int, world: int, port: int, out: str) -> None:
     record["centers"].append(model.module.center.clone())
     torch.save(record, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def sharded_features(rank: int, world: int, port: int, out: str) -> None:
+    """Each worker embeds a share of 101 images; rank 1 starts from other weights and BN statistics."""
+    import numpy as np
+
+    from lowlabel.data.augment import eval_view
+    from lowlabel.evaluation import extract_features_distributed
+    from lowlabel.models.encoders import build_encoder
+
+    init(rank, world, port)
+    torch.manual_seed(rank)  # replicas that differ, as an EMA teacher's statistics do between DDP broadcasts
+    encoder = build_encoder("conv4", 1, 16).to(memory_format=torch.channels_last)
+    encoder.train()
+    encoder(torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last))  # rank-specific running stats
+    own = {k: v.clone() for k, v in encoder.state_dict().items()}
+    images = np.random.default_rng(0).integers(0, 256, (120, 28, 28, 1), dtype=np.uint8)
+    indices = np.arange(3, 104)
+    features = extract_features_distributed(encoder, images, indices, eval_view([0.3], [0.35]), channels_last=True)
+    untouched = all(torch.equal(v, own[k]) for k, v in encoder.state_dict().items())
+    torch.save({"features": features, "state": own, "untouched": untouched, "training": encoder.training}, f"{out}.{rank}")
+    dist.destroy_process_group()

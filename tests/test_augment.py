@@ -62,3 +62,21 @@ def test_views_dataset_same_sample_same_views_regardless_of_order():
     assert not torch.equal(first[0][0], first[0][1])  # two views differ
     ds.set_epoch(1)
     assert not torch.equal(ds[0][0], first[0][0])  # a new epoch, new augmentations
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_eval_view_batch_equals_the_per_image_view_bit_for_bit(channels):
+    mean, std = [0.2, 0.5, 0.7][:channels], [0.3, 0.25, 0.2][:channels]
+    view = eval_view(mean, std)
+    images = np.random.default_rng(1).integers(0, 256, (9, 12, 10, channels), dtype=np.uint8)
+    images[0, 0, :, 0] = [0, 255, 1, 254, 2, 3, 128, 127, 5, 6]  # both ends of the range
+    batch = view.batch(images)
+    assert batch.dtype == torch.float32 and batch.shape == (9, channels, 12, 10)
+    assert torch.equal(batch, torch.stack([view(image, 0) for image in images]))
+
+
+def test_view_batch_with_random_transforms_runs_the_pipeline_per_image():
+    view = weak_view(8, [0.5], [0.25])
+    assert view.pixel_table is None
+    images = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    assert torch.equal(view.batch(images), torch.stack([view(image, 0) for image in images]))

@@ -191,3 +191,25 @@ def test_dino_two_workers_equal_one_worker_on_the_union_with_one_centre(tmp_path
         for got, want in zip(record["grads"], grads, strict=True):
             assert torch.allclose(got, want, atol=1e-10)
     assert not torch.equal(centers[0], torch.zeros_like(centers[0]))
+
+
+def test_sharded_features_are_rank_0s_model_on_every_image_in_order(tmp_path):
+    """The training loops' evaluation (kNN monitor, test accuracy) is split over the workers:
+    every worker gets exactly what rank 0 alone computes, and no worker's own model changes."""
+    import numpy as np
+
+    from lowlabel.data.augment import eval_view
+    from lowlabel.evaluation import extract_features
+    from lowlabel.models.encoders import build_encoder
+
+    spawn(W.sharded_features, tmp_path / "feats")
+    records = [torch.load(f"{tmp_path / 'feats'}.{r}") for r in range(2)]
+    encoder = build_encoder("conv4", 1, 16).to(memory_format=torch.channels_last)
+    encoder.load_state_dict(records[0]["state"])
+    images = np.random.default_rng(0).integers(0, 256, (120, 28, 28, 1), dtype=np.uint8)
+    expected = extract_features(encoder, images, np.arange(3, 104), eval_view([0.3], [0.35]), batch_size=101, channels_last=True)
+    assert expected.shape[0] == 101
+    for record in records:
+        assert torch.equal(record["features"], expected)
+        assert record["untouched"] and record["training"]
+    assert not torch.equal(records[0]["state"]["1.running_mean"], records[1]["state"]["1.running_mean"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,36 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(out, tensor.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def gather_shards(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Every worker's rows concatenated in rank order, on every worker; worker r holds
+    ``sizes[r]`` rows (uneven shares are padded for the all-gather, then trimmed)."""
+    if world_size() == 1:
+        return local
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: len(local)] = local
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([chunk[:size] for chunk, size in zip(out, sizes, strict=True)])
+
+
+@torch.no_grad()
+def replica_of_main(module: torch.nn.Module) -> torch.nn.Module:
+    """Rank 0's weights and buffers on every worker (a collective): rank 0 gets ``module``
+    itself, the others a copy overwritten from rank 0, their own module left as it was (an
+    EMA teacher's BatchNorm statistics are the worker's own and keep labelling its batches)."""
+    if world_size() == 1:
+        return module
+    replica = module if rank() == 0 else copy.deepcopy(module)
+    for tensor in replica.state_dict().values():
+        # Collectives take contiguous tensors; channels-last conv weights are not.
+        sent = tensor if tensor.is_contiguous() else tensor.contiguous()
+        dist.broadcast(sent, src=0)
+        if sent is not tensor:
+            tensor.copy_(sent)
+    return replica
 
 
 @torch.no_grad()

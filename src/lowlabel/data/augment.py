@@ -31,6 +31,9 @@ class View:
         self.pipeline = A.Compose(
             [*transforms, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()], seed=0
         )
+        # Without random transforms the view is a per-pixel map (Normalize): its outputs for the
+        # 256 uint8 values, per channel, normalise a whole batch at once (see batch()).
+        self.pixel_table = None if transforms else self._pixel_table(len(tuple(mean)))
 
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
         # One generator pair drawn from in turn by every transform. Compose.set_random_seed would
@@ -40,6 +43,24 @@ class View:
         out = self.pipeline(image=np.ascontiguousarray(image))["image"]
         # Some transforms drop a trailing singleton channel; put it back.
         return out if out.ndim == 3 else out.unsqueeze(0)
+
+    def _pixel_table(self, channels: int) -> np.ndarray:
+        """(256, channels) float32: the pipeline's output for each uint8 value in each channel."""
+        ramp = np.repeat(np.arange(256, dtype=np.uint8).reshape(256, 1, 1), channels, axis=2)
+        return self(ramp, 0).reshape(channels, 256).T.contiguous().numpy()
+
+    def batch(self, images: np.ndarray) -> torch.Tensor:
+        """``torch.stack([view(image, 0) for image in images])`` for uint8 (N, H, W, C) images.
+
+        A view without random transforms looks every pixel up in its table: the same float32
+        values, bit for bit, without a Python call per image (which cost as much as a small
+        encoder's forward pass on CPU). The result is laid out channels-last (N, H, W, C in memory).
+        """
+        table = self.pixel_table
+        if table is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != table.shape[1]:
+            return torch.stack([self(np.asarray(image), 0) for image in images])
+        pixels = table[np.asarray(images).astype(np.intp), np.arange(table.shape[1])]
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
 def sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:

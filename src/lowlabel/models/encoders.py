@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-import timm
 import torch
 from torch import nn
 
@@ -72,6 +71,8 @@ WRN_ARCH = re.compile(r"wrn(\d+)_(\d+)")
 def _resnet18_cifar(in_chans: int, width: int) -> nn.Module:
     # Small-image ResNet-18 (the variant solo-learn uses for CIFAR): 3x3 stride-1 stem,
     # no max-pool, so 32 px inputs keep a 4x4 map before global pooling.
+    import timm  # here, not at the top: 1.7 s of import that a Conv-4 run (every stage's driver) never uses
+
     model = timm.create_model(
         "resnet18", pretrained=False, num_classes=0, in_chans=in_chans, channels=tuple(width * m for m in (1, 2, 4, 8))
     )
@@ -91,6 +92,8 @@ def build_encoder(arch: str, in_chans: int, width: int = 64) -> nn.Module:
     if arch == "resnet18_cifar":
         return _resnet18_cifar(in_chans, width)
     if arch.startswith("timm:"):
+        import timm
+
         # pretrained=False: weights are never fetched at run time; load a checkpoint instead.
         return timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=0, in_chans=in_chans)
     raise ValueError(f"unknown encoder arch {arch!r}; allowed: 'conv4', 'resnet18_cifar', 'wrn<depth>_<widen>', 'timm:<model name>'")

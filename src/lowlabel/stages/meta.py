@@ -26,6 +26,15 @@ from lowlabel.stages.training import train_in_ray, write_training_outputs
 from lowlabel.tracking import TAG_INIT_RUN, log_prepared_input
 
 
+def run_meta_loop(config: dict[str, Any]) -> None:
+    """The loop as Ray Train's workers run it. Its module is imported there, not in this
+    driver process, which never runs it (torchvision, kornia, timm's optimisers: ~3 s of import
+    per stage on 2 cores)."""
+    from lowlabel.train.meta import meta_loop
+
+    meta_loop(config)
+
+
 def init_encoder_path(params: Params) -> tuple[str | None, str]:
     """(the file of ``meta.init``'s encoder or None for random init, its MLflow run id or '')."""
     init = params.meta.init
@@ -155,7 +164,6 @@ def check_validation_episodes(params: Params, data: PreparedData) -> None:
 
 def meta(params: Params, method: str) -> dict:
     from lowlabel.runner.jobs import meta_job
-    from lowlabel.train.meta import meta_loop
 
     cfg = params.meta
     data = PreparedData.load(PREPARED_DIR)
@@ -174,7 +182,7 @@ def meta(params: Params, method: str) -> dict:
         log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
         mlflow.log_metrics({f"pool/{key}": value for key, value in pool_stats.items()})
         config, name = meta_job(params, method, init_path, pool, pool_labels, inputs=(PREPARED_DIR, *pseudo_inputs(params)))
-        state, ray_run = train_in_ray(params, meta_loop, config, name)
+        state, ray_run = train_in_ray(params, run_meta_loop, config, name)
         history = state["history"]
         last = history[-1]
         metrics = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lowlabel.config import PRETRAIN_METHODS, Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
@@ -11,7 +12,15 @@ from lowlabel.stages.common import PREPARED_DIR, stage_main, tracked_run
 from lowlabel.stages.preflight import check_before_training, check_storage
 from lowlabel.stages.training import train_in_ray, write_training_outputs
 from lowlabel.tracking import log_prepared_input
-from lowlabel.train.pretrain import pretrain_loop
+
+
+def run_pretrain_loop(config: dict[str, Any]) -> None:
+    """The loop as Ray Train's workers run it. Its module is imported there, not in this
+    driver process, which never runs it (torchvision, kornia, timm's optimisers: ~3 s of import
+    per stage on 2 cores)."""
+    from lowlabel.train.pretrain import pretrain_loop
+
+    pretrain_loop(config)
 
 
 def pretrain(params: Params, method: str) -> dict:
@@ -22,7 +31,7 @@ def pretrain(params: Params, method: str) -> dict:
     with tracked_run(params, stage="pretrain", method=method, dvc_stage=dvc_stage, sections=("seed", "data", "encoder", "runtime", "pretrain")) as run:
         log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
         config, name = pretrain_job(params, method, inputs=(PREPARED_DIR,))
-        state, ray_run = train_in_ray(params, pretrain_loop, config, name)
+        state, ray_run = train_in_ray(params, run_pretrain_loop, config, name)
         history = state["history"]
         last = history[-1]
         knn = [h for h in history if "knn_acc" in h]

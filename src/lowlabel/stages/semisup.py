@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lowlabel.config import SEMISUP_METHODS, Params
 from lowlabel.data.prepared import PreparedData, prepared_digest
@@ -14,7 +15,15 @@ from lowlabel.stages.encoder_files import load_encoder_file
 from lowlabel.stages.preflight import check_before_training, check_storage
 from lowlabel.stages.training import train_in_ray, write_training_outputs
 from lowlabel.tracking import TAG_INIT_RUN, log_prepared_input
-from lowlabel.train.semisup import semisup_loop
+
+
+def run_semisup_loop(config: dict[str, Any]) -> None:
+    """The loop as Ray Train's workers run it. Its module is imported there, not in this
+    driver process, which never runs it (torchvision, kornia, timm's optimisers: ~3 s of import
+    per stage on 2 cores)."""
+    from lowlabel.train.semisup import semisup_loop
+
+    semisup_loop(config)
 
 
 def init_encoder(params: Params) -> tuple[str | None, str]:
@@ -42,7 +51,7 @@ def semisup(params: Params, method: str) -> dict:
     ) as run:
         log_prepared_input(data, params.data.source, prepared_digest(PREPARED_DIR), context="training")
         config, name = semisup_job(params, method, init_path, inputs=(PREPARED_DIR,))
-        state, ray_run = train_in_ray(params, semisup_loop, config, name)
+        state, ray_run = train_in_ray(params, run_semisup_loop, config, name)
         history = state["history"]
         last = history[-1]
         metrics = {

@@ -23,7 +23,7 @@ from lowlabel.data.augment import contrastive_view, eval_view
 from lowlabel.data.datasets import ImagesDataset, ViewsDataset
 from lowlabel.data.prepared import PreparedData
 from lowlabel.distributed import all_reduce_mean
-from lowlabel.evaluation import extract_features, knn_accuracy, knn_split
+from lowlabel.evaluation import extract_features_distributed, knn_accuracy, knn_split
 from lowlabel.methods.ssl import PRETRAIN_METHODS
 from lowlabel.methods.ssl.base import SSLMethod, ViewSpec
 from lowlabel.models.encoders import build_encoder, feature_dim
@@ -75,10 +75,11 @@ def check_view_sizes(encoder: torch.nn.Module, in_chans: int, image_size: int, s
 
 
 def knn_monitor(ctx: WorkerContext, encoder: torch.nn.Module, data: PreparedData, k: int, bank_size: int | None, seed: int) -> float:
+    """Rank 0's encoder's weighted-kNN accuracy; a collective (every worker embeds a share)."""
     view = eval_view(data.mean, data.std)
     bank, test = knn_split(data, bank_size, seed)
-    bank_feats = extract_features(encoder, data.train_images, bank, view, device=ctx.device, channels_last=ctx.channels_last)
-    test_feats = extract_features(encoder, data.test_images, test, view, device=ctx.device, channels_last=ctx.channels_last)
+    bank_feats = extract_features_distributed(encoder, data.train_images, bank, view, device=ctx.device, channels_last=ctx.channels_last)
+    test_feats = extract_features_distributed(encoder, data.test_images, test, view, device=ctx.device, channels_last=ctx.channels_last)
     return knn_accuracy(bank_feats, torch.from_numpy(data.train_labels[bank]), test_feats, torch.from_numpy(data.test_labels[test]), k=k)
 
 
@@ -139,9 +140,11 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         return knn_monitor(ctx, method.encoder, data, job.knn_k, job.knn_bank_size, job.seed)
 
     start_epoch = frame.resume()
-    if start_epoch == 0 and ctx.is_main:
+    if start_epoch == 0:
         # The encoder before any training: the random-init reference for the kNN curve.
-        frame.record(0, {"knn_acc": (knn0 := knn())})
+        knn0 = knn()
+        if ctx.is_main:
+            frame.record(0, {"knn_acc": knn0})
         print_main(ctx, f"[{job.label}] epoch 0/{epochs} knn_acc {knn0:.4f} (initial encoder)")
 
     for epoch in range(start_epoch, epochs):
@@ -175,6 +178,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images / seconds,
         }
-        if ctx.is_main and ((epoch + 1) % job.eval_every == 0 or epoch + 1 == epochs):
-            metrics["knn_acc"] = knn()
+        if (epoch + 1) % job.eval_every == 0 or epoch + 1 == epochs:
+            knn_acc = knn()  # every worker embeds a share
+            if ctx.is_main:
+                metrics["knn_acc"] = knn_acc
         frame.end_period(epoch, metrics, images, seconds)

@@ -24,7 +24,7 @@ from lowlabel.data.datasets import ImagesDataset, ViewsDataset
 from lowlabel.data.prepared import PreparedData
 from lowlabel.data.samplers import BalancedSampler, ShardedCycleSampler
 from lowlabel.distributed import all_reduce_mean
-from lowlabel.evaluation import extract_features
+from lowlabel.evaluation import extract_features, extract_features_distributed
 from lowlabel.methods.semisup import SEMISUP_REGISTRY
 from lowlabel.models.encoders import build_encoder, feature_dim
 from lowlabel.models.heads import Classifier, fit_linear_head
@@ -45,8 +45,10 @@ def test_predictions(
 
 
 def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
-    predicted, truth = test_predictions(model, data, device, channels_last)
-    return (predicted == truth).mean().item()
+    """Rank 0's model's accuracy on the base test images; a collective (every worker scores a share)."""
+    idx = np.asarray(data.split.test_base)
+    logits = extract_features_distributed(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
+    return (logits.argmax(1).numpy() == data.base_label(data.test_labels[idx])).mean().item()
 
 
 def semisup_loop(config: dict[str, Any]) -> None:
@@ -182,7 +184,10 @@ def semisup_loop(config: dict[str, Any]) -> None:
         images = n_steps * per_worker * ctx.world_size * (1 + len(view_names) * method_kwargs.get("mu", 0))
         metrics = {key: all_reduce_mean(value / n_steps).item() for key, value in sums.items()}
         metrics |= {"lr": optimizer.param_groups[0]["lr"], "images_per_s": images / seconds}
+        accuracies = {  # every worker scores a share
+            "test_acc": test_accuracy(model_inner, data, ctx.device, ctx.channels_last),
+            "test_acc_ema": test_accuracy(ema.module, data, ctx.device, ctx.channels_last),
+        }
         if ctx.is_main:
-            metrics["test_acc"] = test_accuracy(model_inner, data, ctx.device, ctx.channels_last)
-            metrics["test_acc_ema"] = test_accuracy(ema.module, data, ctx.device, ctx.channels_last)
+            metrics |= accuracies
         frame.end_period(chunk, metrics, images, seconds)
