@@ -12,7 +12,6 @@ from torch import nn
 from lowlabel.data.augment import View
 from lowlabel.data.prepared import PreparedData
 
-
 # Encoder forward passes per batch when embedding on CPU. Small batches keep a layer's
 # activations in cache: Conv-4 at 28 px runs 2.3x as many images/s at 64 as at 512 (1 thread:
 # ~4,100 vs ~1,800; per-sample outputs are bit-identical at any batch size). GPUs want big ones.
