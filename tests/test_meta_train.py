@@ -291,3 +291,36 @@ def test_own_head_of_a_meta_encoder_scores_novel_episodes_and_protonet_equals_th
     maml2 = META_METHODS["maml"](build_encoder("conv4", data.in_chans, 8), dim, 2, inner_steps=1, test_inner_steps=2)
     scores = own_head_scores(maml2, data, plans)
     assert set(scores) == {"own/2w1s", "own/2w3s"} and all(0 <= s["acc"] <= 1 for s in scores.values())
+
+
+@pytest.mark.parametrize("name", ["protonet", "matchingnet", "relationnet"])
+def test_metric_own_head_from_one_pool_embedding_equals_the_per_episode_forward_passes(tiny_prepared, one_torch_thread, name):
+    """The fewshot stage scores a metric method's own head on the pool embedded once; every
+    episode's accuracy is exactly the one its own forward pass (MetaMethod.scores) gives."""
+    from lowlabel.data import device_augment
+    from lowlabel.fewshot.protocol import (
+        FewShotProtocol,
+        metric_episode_accuracies,
+        novel_pool_images,
+        plan_episodes,
+    )
+    from lowlabel.meta.base import episode_accuracies
+    from lowlabel.meta.episodes import load_episode
+    from lowlabel.meta.registry import META_METHODS
+    from lowlabel.models.encoders import build_encoder, feature_dim
+
+    data = PreparedData.load(tiny_prepared)
+    params = parse_params({"encoder": {"width": 8}, "fewshot": {"ways": [2], "shots": [1, 3], "queries": 3, "episodes": 15}})
+    plans = plan_episodes(FewShotProtocol.from_params(params), data.novel_pool_labels())
+    torch.manual_seed(0)
+    encoder = build_encoder("conv4", data.in_chans, 8)
+    method = META_METHODS[name](encoder, feature_dim(encoder, data.in_chans, data.image_size), 2)
+    with torch.no_grad():  # BatchNorm statistics that are not the init's 0/1
+        method.train()
+        encoder(torch.randn(16, data.in_chans, data.image_size, data.image_size) * 3 + 1)
+    load = device_augment.view_loader(novel_pool_images(data), device_augment.eval_view(data.mean, data.std), "cpu")
+    for episodes in plans.values():
+        cached = metric_episode_accuracies(method, load, episodes, "cpu")
+        per_episode = episode_accuracies(method, (load_episode(e, load) for e in episodes))
+        assert method.training  # the mode is restored
+        np.testing.assert_array_equal(cached, per_episode)

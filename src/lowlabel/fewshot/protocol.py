@@ -34,7 +34,7 @@ from lowlabel.fewshot.evaluate import FewShotResult, NormalizeMode, evaluate_epi
 from lowlabel.fewshot.finetune import FineTuneLastBlock, LastBlockSplit, split_last_block
 from lowlabel.fewshot.heads import HEADS
 from lowlabel.fewshot.sampler import Episode, EpisodeError, sample_episodes
-from lowlabel.meta.base import MetaMethod, episode_accuracies
+from lowlabel.meta.base import MetaMethod, MetricMetaMethod, episode_accuracies
 from lowlabel.models.encoders import build_encoder
 from lowlabel.runner.worker import seed_everything
 
@@ -343,9 +343,42 @@ def evaluate_meta_method(method: MetaMethod, data: PreparedData, episodes: list[
     method = method.to(device)
     view = device_augment.eval_view(data.mean, data.std).to(device)
     load = device_augment.view_loader(novel_pool_images(data), view, device)
-    accuracies = episode_accuracies(method, (load_episode(episode, load).to(device) for episode in episodes))
+    if isinstance(method, MetricMetaMethod):
+        accuracies = metric_episode_accuracies(method, load, episodes, device)
+    else:
+        accuracies = episode_accuracies(method, (load_episode(episode, load).to(device) for episode in episodes))
     n_way, k_shot = episodes[0].n_way, episodes[0].k_shot
     return FewShotResult(
         head="meta", n_way=n_way, k_shot=k_shot, n_query=episodes[0].n_query, episodes=len(episodes),
         accuracy=float(accuracies.mean()), ci95=confidence_interval95(accuracies), per_episode=accuracies,
     )
+
+
+@torch.no_grad()
+def metric_episode_accuracies(
+    method: MetricMetaMethod, load: Callable[[np.ndarray], torch.Tensor], episodes: list[Episode], device: str
+) -> np.ndarray:
+    """:func:`~lowlabel.meta.base.episode_accuracies` of a metric method, from one embedding of
+    the images the episodes use instead of one forward pass per episode (600 per setting).
+
+    In eval mode each image's embedding is its own (running BatchNorm statistics) and the same
+    bit for bit in any batch, so the scores are those of the per-episode path (tested).
+    """
+    from lowlabel.evaluation import eval_batch_size
+
+    used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in episodes]))
+    batch = eval_batch_size(device)
+    was_training = method.training
+    method.eval()
+    try:
+        features = torch.cat([method.learner.encoder(load(used[i : i + batch])) for i in range(0, len(used), batch)])
+        accuracies = []
+        for episode in episodes:
+            support, query = (torch.from_numpy(np.searchsorted(used, rows)).to(device) for rows in (episode.support, episode.query))
+            scores = method.learner.episode_logits(
+                features[support], torch.as_tensor(episode.support_labels(), device=device), features[query], episode.n_way
+            )
+            accuracies.append((scores.argmax(1) == torch.as_tensor(episode.query_labels(), device=device)).float().mean().item())
+    finally:
+        method.train(was_training)
+    return np.array(accuracies)

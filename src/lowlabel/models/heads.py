@@ -57,9 +57,8 @@ def fit_linear_head(fc: nn.Linear, features: torch.Tensor, labels: np.ndarray, l
     so deterministic), then folded back to raw features: ``W' = W / sigma``,
     ``b' = b - W' mu``. Every class must have a label (the splits guarantee it).
     """
-    from sklearn.linear_model import (
-        LogisticRegression,  # 1.2 s of import, needed by head_init: linear_probe only
-    )
+    # Imported here: 1.2 s that only head_init: linear_probe needs.
+    from sklearn.linear_model import LogisticRegression
 
     x = features.double().numpy()
     mu, sigma = x.mean(0), x.std(0) + 1e-6
