@@ -1,9 +1,11 @@
 """End-to-end pipeline benchmark: wall time per stage, peak memory, no-op repro time.
 
-    .venv/bin/python bench/pipeline_e2e.py [--workdir DIR] [--preset NAME] [--set key=value ...]
+    .venv/bin/python bench/pipeline_e2e.py [--workdir DIR] [--preset NAME] [--set key=value ...] [--ray-per-stage]
 
 Clones this checkout into a scratch directory (so your own outputs stay untouched), runs
-`dvc repro` there with the repo's params.yaml (plus any --set overrides), samples the summed
+`dvc repro` there as ./pipeline repro does (under one local Ray for every stage,
+lowlabel.runner.session; --ray-per-stage: plain `dvc repro`, each stage starting its own) with
+the repo's params.yaml (plus any --set overrides), samples the summed
 PSS of the whole process tree (dvc, stage processes, Ray's daemons and workers) every second,
 then runs `dvc repro` again with nothing changed. Prints a table; writes bench_e2e.json.
 """
@@ -46,9 +48,10 @@ def tree_pss(root: psutil.Process) -> int:
     return total
 
 
-def run_repro(workdir: Path, env: dict) -> tuple[float, int, list[tuple[str, float]], int]:
+def run_repro(workdir: Path, env: dict, session: bool) -> tuple[float, int, list[tuple[str, float]], int]:
     started = time.perf_counter()
-    proc = subprocess.Popen(["dvc", "repro"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "lowlabel.runner.session", "dvc", "repro"] if session else ["dvc", "repro"]
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     peak = 0
     done = threading.Event()
@@ -82,6 +85,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--preset", default=None, help="start from presets/NAME.yaml instead of the repo's params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param, e.g. pretrain.epochs=2")
+    parser.add_argument("--ray-per-stage", action="store_true", help="plain `dvc repro`: every training stage starts and stops its own local Ray")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lowlabel-bench-"))
     subprocess.run(["git", "clone", "-q", str(REPO), str(workdir)], check=True)
@@ -103,11 +107,11 @@ def main() -> int:
         "PYTHONUNBUFFERED": "1",  # stage lines arrive as they happen, so the per-stage times are right
     }
 
-    total, peak, marks, rc = run_repro(workdir, env)
+    total, peak, marks, rc = run_repro(workdir, env, session=not args.ray_per_stage)
     if rc != 0:
         print(f"dvc repro failed (rc {rc}); see {workdir / 'bench_repro.log'}")
         return rc
-    noop, _noop_peak, noop_marks, rc2 = run_repro(workdir, env)
+    noop, _noop_peak, noop_marks, rc2 = run_repro(workdir, env, session=not args.ray_per_stage)
 
     rows = []
     for i, (stage, at) in enumerate(marks):
@@ -123,7 +127,7 @@ def main() -> int:
     print("\nmargins (accuracy points):")
     for name, value in report["margins"].items():
         print(f"  {name:<45}{value:+6.1f}")
-    out = {"stages": dict(rows), "total_s": total, "noop_s": noop, "noop_reran": [m[0] for m in noop_marks], "peak_pss_gib": peak / 2**30, "margins": report["margins"]}
+    out = {"ray": "per stage" if args.ray_per_stage else "one for the repro", "stages": dict(rows), "total_s": total, "noop_s": noop, "noop_reran": [m[0] for m in noop_marks], "peak_pss_gib": peak / 2**30, "margins": report["margins"]}
     (workdir / "bench_e2e.json").write_text(json.dumps(out, indent=2))
     print(f"\nworkdir: {workdir}")
     return rc2

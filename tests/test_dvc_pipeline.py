@@ -41,6 +41,18 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def ray_processes_under(temp_dir: Path) -> list[str]:
+    """Command lines of running processes that name ``temp_dir`` (a Ray's daemons do)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if str(temp_dir) in line:
+            found.append(line)
+    return found
+
+
 def sh(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -70,12 +82,13 @@ def project(tmp_path_factory):
     sh(["dvc", "init", "-q"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
-    first = sh(["dvc", "repro"], root, env)
+    # As ./pipeline repro runs it: one local Ray for every stage (later repros: one per stage).
+    first = sh([os.sys.executable, "-m", "lowlabel.runner.session", "dvc", "repro"], root, env)
     return root, env, first
 
 
 def test_first_repro_runs_every_stage_and_writes_outputs(project):
-    root, _, first = project
+    root, env, first = project
     ran = ran_stages(first.stdout)
     assert sorted(ran) == sorted(
         ["source", "prepare", "pretrain@simclr", "pretrain@moco", "semisup@fixmatch", "semisup@supervised", "meta@protonet", "fewshot", "report"]
@@ -95,6 +108,10 @@ def test_first_repro_runs_every_stage_and_writes_outputs(project):
     assert {"own/5w1s", "own/5w5s"} <= set(fewshot["encoders"]["meta/protonet"])
     report = json.loads((root / "metrics/report.json").read_text())
     assert "knn: pretrain/simclr - random" in report["margins"]
+    # Five Ray Train jobs, one Ray started (Ray makes a session folder per start); none left running.
+    ray_tmp = Path(env["LOWLABEL_RAY_TMP"])
+    assert len([p for p in ray_tmp.iterdir() if p.name.startswith("session_2")]) == 1
+    assert not ray_processes_under(ray_tmp)
     assert "protonet/5w5s: meta/protonet - semisup/fixmatch" in report["margins"]
     assert "| random |" in (root / "reports/report.md").read_text()
 

@@ -1,0 +1,88 @@
+"""One local Ray for a whole command (lowlabel.runner.session, what ./pipeline repro runs dvc under).
+
+A real Ray is started per test (~6 s): the command sees it through RAY_ADDRESS with the CPUs
+params.yaml asks for, nothing of it outlives the command whatever its end (exit code, SIGTERM),
+and a named cluster or a params.yaml that does not parse leave the command to itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_dvc_pipeline import ray_processes_under
+
+SHOW_CLUSTER = (
+    "import os, ray; ray.init(address=os.environ['RAY_ADDRESS'], log_to_driver=False); "
+    "print('CPU', int(ray.cluster_resources()['CPU'])); print('ADDRESS', os.environ['RAY_ADDRESS'])"
+)
+
+
+@pytest.fixture()
+def workdir():
+    # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="llsess-", dir="/tmp"))
+    (folder / "params.yaml").write_text("runtime: {local_num_cpus: 1}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LOWLABEL_RAY_TMP": str(folder / "ray")}
+    env.pop("RAY_ADDRESS", None)
+    yield folder, env
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def session(args: list[str], cwd: Path, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowlabel.runner.session", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180, **kwargs)
+
+
+def test_the_command_runs_on_one_local_ray_that_stops_with_it(workdir):
+    cwd, env = workdir
+    out = session([sys.executable, "-c", SHOW_CLUSTER + "; raise SystemExit(3)"], cwd, env)
+    assert out.returncode == 3, out.stderr[-2000:]  # the command's exit code
+    assert "CPU 1" in out.stdout  # runtime.local_num_cpus
+    assert len(list((cwd / "ray").glob("session_2*"))) == 1
+    assert not ray_processes_under(cwd / "ray")
+
+
+def test_sigterm_reaches_the_command_and_ray_still_stops(workdir):
+    cwd, env = workdir
+    marker = cwd / "got-sigterm"
+    child = (
+        "import signal, sys, time, pathlib; "
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).write_text('x'), sys.exit(0))); "
+        f"pathlib.Path({str(cwd / 'started')!r}).write_text('x'); time.sleep(120)"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.session", sys.executable, "-c", child], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (cwd / "started").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert marker.exists()
+        assert not ray_processes_under(cwd / "ray")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("case", ["cluster named", "params broken"])
+def test_no_local_ray_where_a_cluster_is_named_or_the_params_do_not_parse(workdir, case):
+    cwd, env = workdir
+    if case == "cluster named":
+        env["RAY_ADDRESS"] = "10.9.8.7:6379"
+    else:
+        (cwd / "params.yaml").write_text("runtime: {workers: lots}\n")
+    out = session([sys.executable, "-c", "import os; print('ADDRESS', os.environ.get('RAY_ADDRESS'))"], cwd, env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"ADDRESS {env.get('RAY_ADDRESS')}" in out.stdout
+    assert not (cwd / "ray").exists()
