@@ -11,16 +11,7 @@ from torch import nn
 
 from lowlabel.data.augment import View
 from lowlabel.data.prepared import PreparedData
-
-# Encoder forward passes per batch when embedding on CPU. Small batches keep a layer's
-# activations in cache: Conv-4 at 28 px runs 2.3x as many images/s at 64 as at 512 (1 thread:
-# ~4,100 vs ~1,800; per-sample outputs are bit-identical at any batch size). GPUs want big ones.
-CPU_EVAL_BATCH = 64
-GPU_EVAL_BATCH = 512
-
-
-def eval_batch_size(device: torch.device | str) -> int:
-    return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else GPU_EVAL_BATCH
+from lowlabel.models.batching import eval_batch_size
 
 
 @torch.inference_mode()

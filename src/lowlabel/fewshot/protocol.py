@@ -364,7 +364,7 @@ def metric_episode_accuracies(
     In eval mode each image's embedding is its own (running BatchNorm statistics) and the same
     bit for bit in any batch, so the scores are those of the per-episode path (tested).
     """
-    from lowlabel.evaluation import eval_batch_size
+    from lowlabel.models.batching import eval_batch_size
 
     used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in episodes]))
     batch = eval_batch_size(device)

@@ -26,6 +26,7 @@ from lowlabel.methods.semisup.losses import (
     logit_adjusted_cross_entropy,
     masked_cross_entropy,
 )
+from lowlabel.models.batching import forward_in_batches
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def weak_targets(
     logits_x, logits_weak, logits_strong = logits[: len(x)], *logits[len(x) :].chunk(2)
     if teacher is not None:
         with torch.no_grad():
-            logits_weak = teacher(u_weak)
+            logits_weak = forward_in_batches(teacher, u_weak)  # eval mode: same values, cache-sized batches on CPU
     probs = torch.softmax(logits_weak.detach().float(), dim=1)
     if aligner is not None:
         probs = aligner(probs)
