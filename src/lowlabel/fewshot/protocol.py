@@ -236,7 +236,7 @@ def embed_novel_pool(
     if FINETUNE not in (protocol.heads if heads is None else heads):
         return NovelPool(embeddings)
     view = eval_view(data.mean, data.std)
-    example = torch.stack([view(np.asarray(data.test_images[i]), 0) for i in data.split.test_novel[:4]])
+    example = view.batch(data.test_images[np.asarray(data.split.test_novel[:4])]).contiguous()
     split = split_last_block(
         encoder, example.to(device).contiguous(memory_format=torch.channels_last), protocol.encoder_arch
     )

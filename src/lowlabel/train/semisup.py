@@ -38,17 +38,16 @@ from lowlabel.train.optim import build_optimizer
 def test_predictions(
     model: torch.nn.Module, data: PreparedData, device: torch.device | str = "cpu", channels_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, true) base labels of the base-class test images."""
+    """(predicted, true) base labels of the base-class test images, by rank 0's model; a
+    collective in a distributed job (every worker scores a share)."""
     idx = np.asarray(data.split.test_base)
-    logits = extract_features(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
+    logits = extract_features_distributed(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
     return logits.argmax(1).numpy(), data.base_label(data.test_labels[idx])
 
 
 def test_accuracy(model: torch.nn.Module, data: PreparedData, device: torch.device, channels_last: bool) -> float:
-    """Rank 0's model's accuracy on the base test images; a collective (every worker scores a share)."""
-    idx = np.asarray(data.split.test_base)
-    logits = extract_features_distributed(model, data.test_images, idx, eval_view(data.mean, data.std), device=device, channels_last=channels_last)
-    return (logits.argmax(1).numpy() == data.base_label(data.test_labels[idx])).mean().item()
+    predicted, truth = test_predictions(model, data, device, channels_last)
+    return (predicted == truth).mean().item()
 
 
 def semisup_loop(config: dict[str, Any]) -> None:
@@ -68,7 +67,7 @@ def semisup_loop(config: dict[str, Any]) -> None:
         # still the init's 0/1, so its eval-mode features would not be the ones training sees);
         # the same features and fit on every worker (deterministic), so the replicas start alike.
         view = eval_view(data.mean, data.std)
-        update_bn([torch.stack([view(np.asarray(data.train_images[i]), 0) for i in labeled])], encoder)
+        update_bn([view.batch(data.train_images[labeled]).contiguous()], encoder)
         fit_linear_head(model_inner.fc, extract_features(encoder, data.train_images, labeled, view), labeled_targets)
 
     size, channels = data.image_size, data.in_chans
