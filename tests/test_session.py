@@ -1,8 +1,9 @@
 """One local Ray for a whole command (lowlabel.runner.session, what ./pipeline repro runs dvc under).
 
-A real Ray is started per test (~6 s): the command sees it through RAY_ADDRESS with the CPUs
-params.yaml asks for, nothing of it outlives the command whatever its end (exit code, SIGTERM),
-and a named cluster or a params.yaml that does not parse leave the command to itself.
+A real Ray is started per test (~6 s), beside the command: the command's stages find it through
+the session's address file with the CPUs params.yaml asks for, a stage entry runs forked from
+the warm-stage server, nothing of either outlives the command whatever its end (exit code,
+SIGTERM), and a named cluster or a params.yaml that does not parse leave the command to itself.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from conftest import REPO
 from test_dvc_pipeline import ray_processes_under
 
 SHOW_CLUSTER = (
-    "import os, ray; ray.init(address=os.environ['RAY_ADDRESS'], log_to_driver=False); "
-    "print('CPU', int(ray.cluster_resources()['CPU'])); print('ADDRESS', os.environ['RAY_ADDRESS'])"
+    "import os, ray; from lowlabel.runner.launch import cluster_address; address = cluster_address(None); "
+    "ray.init(address=address, log_to_driver=False); print('CPU', int(ray.cluster_resources()['CPU'])); print('ADDRESS', address)"
 )
 
 
@@ -31,7 +32,8 @@ def workdir():
     # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="llsess-", dir="/tmp"))
     (folder / "params.yaml").write_text("runtime: {local_num_cpus: 1}\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LOWLABEL_RAY_TMP": str(folder / "ray")}
+    # TMPDIR: the session's own folder (the warm server's socket) lands here too.
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LOWLABEL_RAY_TMP": str(folder / "ray"), "TMPDIR": str(folder)}
     env.pop("RAY_ADDRESS", None)
     yield folder, env
     shutil.rmtree(folder, ignore_errors=True)
@@ -48,7 +50,7 @@ def test_the_command_runs_on_one_local_ray_that_stops_with_it(workdir):
     assert out.returncode == 3, out.stderr[-2000:]  # the command's exit code
     assert "CPU 1" in out.stdout  # runtime.local_num_cpus
     assert len(list((cwd / "ray").glob("session_2*"))) == 1
-    assert not ray_processes_under(cwd / "ray")
+    assert not ray_processes_under(cwd)
 
 
 def test_sigterm_reaches_the_command_and_ray_still_stops(workdir):
@@ -69,10 +71,19 @@ def test_sigterm_reaches_the_command_and_ray_still_stops(workdir):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert marker.exists()
-        assert not ray_processes_under(cwd / "ray")
+        assert not ray_processes_under(cwd)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stage_entry_runs_forked_from_the_warm_server(workdir):
+    cwd, env = workdir
+    out = session([sys.executable, "-m", "lowlabel.stages.report", "--help"], cwd, {**env, "LOWLABEL_VERBOSE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout
+    assert "[warm] lowlabel.stages.report: forked from the warm-stage server" in out.stderr
+    assert not ray_processes_under(cwd)  # the server (its socket is under TMPDIR) and Ray are gone
 
 
 @pytest.mark.parametrize("case", ["cluster named", "params broken"])

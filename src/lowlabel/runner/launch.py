@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 # Local object store: at least this, else twice the job's inputs (they travel through it).
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 CHECKPOINTS_KEPT = 2
+HEALTH_CHECK_INTERVAL_S = 0.5
 # The standard AWS variables pyarrow's S3 filesystem reads (endpoint, credentials, region).
 STORAGE_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -46,8 +49,34 @@ class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run the job as configured."""
 
 
+# Set by lowlabel.runner.session for its command: the file its local Ray's address goes to.
+SESSION_ENV = "LOWLABEL_SESSION_RAY"
+SESSION_WAIT_S = 600.0
+
+
 def cluster_address(configured: str | None) -> str | None:
-    return os.environ.get("RAY_ADDRESS") or configured
+    """The cluster to attach to: ``RAY_ADDRESS``, ``runtime.ray_address``, else the local Ray of
+    the session this stage runs in (``./pipeline repro``), else None (start one here)."""
+    return os.environ.get("RAY_ADDRESS") or configured or session_address()
+
+
+def session_address(timeout_s: float = SESSION_WAIT_S) -> str | None:
+    """The address of the session's local Ray, once it is up (the session starts it beside the
+    command); None outside a session."""
+    path = os.environ.get(SESSION_ENV)
+    if not path:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the session's local Ray was not up after {timeout_s:.0f} s ({SESSION_ENV}={path})")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ClusterError(f"the session that was to start Ray has ended ({SESSION_ENV}={path})")
+        time.sleep(0.05)
+    published = json.loads(Path(path).read_text())
+    if published["error"]:
+        raise ClusterError(published["error"])
+    return published["address"]
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -239,6 +268,9 @@ def run_training_job(
     config, shipped = ship_inputs(config, storage.uri if inputs == "storage" else None, input_cache_mb << 20)
     route = "copied to the job's storage (read in place)" if inputs == "storage" else "through the object store"
     print(f"[{name}] inputs: {shipped / 1e6:.1f} MB {route}; checkpoints: {storage.uri}", flush=True)
+    # The controller polls its workers this often (Ray's default 2 s); a job's end is noticed a
+    # poll late, ~1 s per job on average at 2 s. Passed on to the controller by Ray Train.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     with metrics_sink(config.get("tracking_uri"), config.get("run_id")) as sink:
         trainer = TorchTrainer(
             train_loop,

@@ -4,9 +4,11 @@ Each training stage is a process of its own, and alone it starts an embedded Ray
 again: ~6 s and ~2 s on 2 cores, five times in the default pipeline. ``./pipeline repro`` runs
 ``dvc repro`` under this instead. One local Ray is started the way a stage would start it
 (:func:`lowlabel.runner.launch.ensure_ray`: the CPUs of ``runtime.local_num_cpus``, the same temp
-dir, the same terminal-signal handling), every stage is handed its address as ``RAY_ADDRESS``
-and attaches to it, and it is stopped when the command ends, however it ends. Where a cluster is
-named (``RAY_ADDRESS``, ``runtime.ray_address``) the command runs as it is.
+dir, the same terminal-signal handling) beside the command, its address is published to the
+stages (``LOWLABEL_SESSION_RAY``: a file they wait for, lowlabel.runner.launch.session_address),
+and it is stopped when the command ends, however it ends. The stages themselves are forked
+from one process that imported the stack once (lowlabel.runner.warm). Where a cluster is named
+(``RAY_ADDRESS``, ``runtime.ray_address``) the command runs as it is.
 """
 
 from __future__ import annotations
@@ -44,26 +46,81 @@ def session_wanted(params_file: Path) -> tuple[bool, int | None]:
 
 
 def run_in_session(command: list[str], num_cpus: int | None) -> int:
-    """Run ``command`` with ``RAY_ADDRESS`` pointing at a local Ray started here; its exit code."""
-    import ray
+    """Run ``command`` beside a local Ray started here and the warm-stage server; its exit code.
 
-    from lowlabel.runner.launch import ensure_ray
+    The command starts first: Ray comes up (~7 s, ~25 s with a cold page cache) while DVC checks
+    its stages and runs those that need no Ray; a stage that does waits for the address
+    (:func:`lowlabel.runner.launch.session_address`)."""
+    import shutil
+    import tempfile
 
-    ensure_ray(None, num_cpus, object_store_bytes=max(SESSION_INPUTS_FLOOR_BYTES, prepared_nbytes()))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    from lowlabel.runner.launch import SESSION_ENV
+    from lowlabel.runner.warm import SOCKET_ENV
+
+    # Short: the server's socket path must stay within AF_UNIX's 107 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="llsess-"))
+    # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
+    # if there is none), decided here: the stages start before Ray does and must connect with it.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    address_file, socket_path = folder / "ray.json", folder / "warm.sock"
+    env = {**os.environ, SESSION_ENV: str(address_file), SOCKET_ENV: str(socket_path)}
+    warm = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path)], start_new_session=True)
+    child = None
     try:
         child = subprocess.Popen(command, env=env)
-        # SIGTERM for this process goes on to the command (dvc stops its stage, which closes
-        # its MLflow run); a hangup reaches the command from the terminal, as Ctrl-C does.
-        signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+        forward = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731
+        # SIGTERM for this process goes on to the command (dvc stops its stage, which closes its
+        # MLflow run); a hangup reaches the command from the terminal, as Ctrl-C does.
+        signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        start_ray(address_file, num_cpus, child)
+        signal.signal(signal.SIGTERM, forward)  # ray.init installs its own
         while True:
             try:
                 return child.wait()
             except KeyboardInterrupt:
                 continue  # the command got the same Ctrl-C: Ray stays up until it has unwound
     finally:
-        ray.shutdown()
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+        warm.terminate()
+        _stop_ray()
+        warm.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish_session_address(path: Path, *, address: str | None = None, error: str | None = None) -> None:
+    """For the session's stages: its Ray's address, or why there is none."""
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"address": address, "error": error}))
+    tmp.replace(path)
+
+
+def start_ray(address_file: Path, num_cpus: int | None, child: subprocess.Popen) -> None:
+    """Start the local Ray and publish its address (or why there is none) for the stages."""
+    from lowlabel.runner.launch import ensure_ray
+
+    try:
+        ensure_ray(None, num_cpus, object_store_bytes=max(SESSION_INPUTS_FLOOR_BYTES, prepared_nbytes()))
+    except SystemExit:  # SIGTERM while Ray started (ray.init's handler): the command stops too
+        child.send_signal(signal.SIGTERM)
+        publish_session_address(address_file, error="the session was stopped while its Ray started")
+        return
+    except Exception as error:
+        publish_session_address(address_file, error=f"the session's local Ray did not start: {error}")
+        return
+    import ray
+
+    publish_session_address(address_file, address=ray.get_runtime_context().gcs_address)
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

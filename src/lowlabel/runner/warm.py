@@ -1,0 +1,344 @@
+"""Warm stage processes: each stage of a repro forked from one process that has imported the stack.
+
+A stage is ``python -m lowlabel.stages.<name>``: a new interpreter that imports torch, Ray, Ray
+Train and MLflow before its first line of work (~3-4 s on 2 cores, then ~2 s more for the
+torch.export that logging the MLflow model needs), nine times in the default pipeline. Under
+``lowlabel.runner.session`` one server imports all of it once (:data:`PRELOAD`), then forks a
+child per stage; the stage's own process (what DVC started, :func:`delegate`) hands the server
+its arguments, working directory, environment and standard streams, relays the signals it gets
+and exits as the child exits (code, or the signal that ended it). Nothing else changes: the child
+runs the module as ``python -m`` would (``runpy``, as ``__main__``) with the stage's environment,
+and starts no Ray of its own (the server never initialises Ray, so forking it is safe).
+
+The stage runs cold, as without a server, whenever the server cannot stand in for a fresh
+interpreter: no server, a different interpreter or ``PYTHON*`` variable, interpreter options
+before ``-m``, or lowlabel's sources changed since the server imported them.
+
+This module is imported by every stage entry before anything else: standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+# Set by the session for the command it runs: where the server listens.
+SOCKET_ENV = "LOWLABEL_WARM_SOCKET"
+# What a stage's driver imports (the stages themselves), what logging its MLflow model and the
+# tracking store import on first use, and the training-job launcher.
+PRELOAD = (
+    "lowlabel.stages.source",
+    "lowlabel.stages.prepare",
+    "lowlabel.stages.pretrain",
+    "lowlabel.stages.semisup",
+    "lowlabel.stages.meta",
+    "lowlabel.stages.fewshot",
+    "lowlabel.stages.report",
+    "lowlabel.runner.launch",
+    "lowlabel.runner.jobs",
+    "lowlabel.models.store",
+    "mlflow.pytorch",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "torch.export._trace",  # what torch.export.export imports on first use (torch._dynamo: ~2 s)
+)
+# Signals a stage process passes on to its warm child (what a terminal, DVC or a scheduler sends).
+RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# A stage process that dies without a word (SIGKILL): its child gets SIGTERM, then this long to unwind.
+ORPHAN_GRACE_S = 30.0
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+class _Lines:
+    """Newline-delimited JSON messages from a stream socket (the first may carry file descriptors)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buffer, self.fds = sock, b"", []
+
+    def read(self) -> dict[str, Any] | None:
+        while b"\n" not in self.buffer:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 3)
+            self.fds += fds
+            if not data:
+                return None
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+
+# --- the stage's side --------------------------------------------------------------------
+
+
+def delegate(package: str) -> None:
+    """Run this ``python -m <package>.<stage>`` process's stage in a warm child when a server is
+    up for it; returns (and the stage runs here, cold) when none can. Never returns otherwise:
+    this process exits as the child did."""
+    path = os.environ.get(SOCKET_ENV)
+    argv = getattr(sys, "orig_argv", [])
+    if not path or len(argv) < 3 or argv[1] != "-m" or not argv[2].startswith(package + "."):
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        request = {"module": argv[2], "args": argv[3:], "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix}
+        socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        lines = _Lines(sock)
+        reply = lines.read()
+    except OSError:
+        reply = None
+    if not reply or "pid" not in reply:
+        sock.close()
+        if reply and os.environ.get("LOWLABEL_VERBOSE"):
+            print(f"[warm] running {argv[2]} cold: {reply.get('refused')}", file=sys.stderr, flush=True)
+        return
+    for signum in RELAYED:
+        signal.signal(signum, lambda signum, frame: _relay(sock, signum))
+    try:
+        outcome = lines.read()
+    except OSError:
+        outcome = None
+    if outcome is None:
+        print(f"error: the warm-stage server stopped while {argv[2]} ran (pid {reply['pid']})", file=sys.stderr, flush=True)
+        os._exit(1)
+    if "signal" in outcome:
+        signum = int(outcome["signal"])
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
+    os._exit(int(outcome["exit"]))
+
+
+def _relay(sock: socket.socket, signum: int) -> None:
+    try:
+        _send(sock, {"signal": signum})
+    except OSError:
+        pass
+
+
+# --- the server's side -------------------------------------------------------------------
+
+
+def _source_stamps() -> dict[str, int]:
+    """Modification times of every module this process has imported from lowlabel or from a
+    ``PYTHONPATH`` folder (the code being worked on; installed packages do not change mid-repro)."""
+    roots = [Path(__file__).resolve().parents[1]]
+    roots += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    stamps = {}
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and any(Path(file).resolve().is_relative_to(root) for root in roots):
+            try:
+                stamps[file] = os.stat(file).st_mtime_ns
+            except OSError:
+                stamps[file] = -1
+    return stamps
+
+
+class _Child:
+    def __init__(self, pid: int, conn: socket.socket, lines: _Lines) -> None:
+        self.pid, self.conn, self.lines = pid, conn, lines
+        self.pidfd = os.pidfd_open(pid)
+        self.kill_at: float | None = None  # set when its stage process is gone
+
+
+class Server:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        # Listening before the imports: a stage that starts meanwhile waits for them, it does not run cold.
+        self.listener.listen(16)
+        self.env = dict(os.environ)
+        self.stamps: dict[str, int] = {}
+        self.children: dict[int, _Child] = {}  # by pid
+
+    def preload(self, modules: tuple[str, ...] = PRELOAD) -> None:
+        import importlib
+
+        from lowlabel.env import configure_quiet_env
+
+        configure_quiet_env()
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as error:  # the stage that needs it reports it, cold
+                print(f"[warm] not preloaded: {name}: {error}", file=sys.stderr, flush=True)
+        self.stamps = _source_stamps()
+
+    def refusal(self, request: dict[str, Any]) -> str | None:
+        """Why the child would not be what a fresh interpreter would be, or None."""
+        if (os.path.realpath(request["executable"]), request["prefix"]) != (os.path.realpath(sys.executable), sys.prefix):
+            return f"another interpreter or environment ({request['executable']}, {request['prefix']})"
+        startup = {k for k in {**self.env, **request["env"]} if k.startswith("PYTHON")}
+        changed = sorted(k for k in startup if self.env.get(k) != request["env"].get(k))
+        if changed:
+            return f"interpreter variables differ: {', '.join(changed)}"
+        stale = [f for f, stamp in self.stamps.items() if _mtime(f) != stamp]
+        if stale:
+            return f"sources changed since the server started ({stale[0]})"
+        return None
+
+    def serve(self) -> dict[str, Any]:
+        """Serve until SIGTERM (then exit); returns only in a forked child, with its request."""
+        import selectors
+        import time
+
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        while True:
+            deadlines = [c.kill_at for c in self.children.values() if c.kill_at is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    job = self.start(conn)
+                    if job is not None:
+                        return job
+                elif key.data[0] == "stage":
+                    self.relay(key.data[1])
+                else:
+                    self.reap(key.data[1])
+            for child in list(self.children.values()):
+                if child.kill_at is not None and time.monotonic() >= child.kill_at:
+                    _kill(child.pid, signal.SIGKILL)
+                    child.kill_at = None
+
+    def start(self, conn: socket.socket) -> dict[str, Any] | None:
+        conn.settimeout(10)
+        lines = _Lines(conn)
+        try:
+            request = lines.read()
+        except (OSError, ValueError):
+            request = None
+        refused = "no request" if request is None or len(lines.fds) != 3 else self.refusal(request)
+        if refused:
+            if request is not None:
+                try:
+                    _send(conn, {"refused": refused})
+                except OSError:
+                    pass
+            conn.close()
+            for fd in lines.fds:
+                os.close(fd)
+            return None
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of the server's stays open, no handler of its own
+            for signum in RELAYED:
+                signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            self.selector.close()
+            self.listener.close()
+            for child in self.children.values():
+                os.close(child.pidfd)
+                child.conn.close()
+            self.children = {}
+            conn.close()
+            for target, fd in enumerate(lines.fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            return request
+        for fd in lines.fds:
+            os.close(fd)
+        child = self.children[pid] = _Child(pid, conn, lines)
+        conn.settimeout(None)
+        self.selector.register(conn, 1, data=("stage", child))
+        self.selector.register(child.pidfd, 1, data=("child", child))
+        _send(conn, {"pid": pid})
+        return None
+
+    def relay(self, child: _Child) -> None:
+        """A signal from a stage process for its child; or its end (killed): the child is stopped."""
+        try:
+            message = child.lines.read()
+        except (OSError, ValueError):
+            message = None
+        if message is not None:
+            _kill(child.pid, int(message["signal"]))
+            return
+        import time
+
+        self.selector.unregister(child.conn)
+        child.conn.close()
+        _kill(child.pid, signal.SIGTERM)
+        child.kill_at = time.monotonic() + ORPHAN_GRACE_S
+
+    def reap(self, child: _Child) -> None:
+        del self.children[child.pid]
+        self.selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        _, status = os.waitpid(child.pid, 0)
+        if child.conn.fileno() < 0:  # its stage process is gone
+            return
+        outcome = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.waitstatus_to_exitcode(status)}
+        try:
+            _send(child.conn, outcome)
+        except OSError:
+            pass
+        self.selector.unregister(child.conn)
+        child.conn.close()
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        for pid in self.children:
+            _kill(pid, signum)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _mtime(file: str) -> int:
+    try:
+        return os.stat(file).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def run_child(request: dict[str, Any]) -> None:
+    """In the forked child: become ``python -m <module> <args>`` in the stage's cwd and environment."""
+    import runpy
+
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ.pop(SOCKET_ENV, None)  # a stage's own subprocesses start cold
+    sys.path[0] = request["cwd"]  # what -m puts first
+    sys.argv = [request["module"], *request["args"]]
+    # As under -m: the module runs as __main__ only (the server imported it by name too).
+    sys.modules.pop(request["module"], None)
+    if os.environ.get("LOWLABEL_VERBOSE", "").strip().lower() not in ("", "0", "false", "no"):
+        print(f"[warm] {request['module']}: forked from the warm-stage server (pid {os.getppid()})", file=sys.stderr, flush=True)
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+
+
+def main() -> None:
+    """``python -m lowlabel.runner.warm SOCKET [MODULE ...]``: import MODULEs (default
+    :data:`PRELOAD`), then serve until SIGTERM."""
+    server = Server(sys.argv[1])
+
+    def stop(signum: int, frame: Any) -> None:
+        server.stop(signum)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # its own session: Ctrl-C reaches stages through their process
+    server.preload(tuple(sys.argv[2:]) or PRELOAD)
+    job = server.serve()
+    run_child(job)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Warm stage processes (lowlabel.runner.warm): a stage forked from a server that imported the
+stack behaves as the same ``python -m`` run cold would, and runs cold wherever the server could
+not stand in for a fresh interpreter.
+
+A real server process per test, serving a probe package written to a temp folder (its
+``__init__`` calls ``delegate`` as lowlabel.stages' does); it preloads only the probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PROBE = '''
+import json, os, signal, sys, time
+from pathlib import Path
+
+def on_term(signum, frame):
+    Path(os.environ["PROBE_MARK"]).write_text("terminated")
+    sys.exit(7)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_term)
+    print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "ppid": os.getppid(), "pid": os.getpid(),
+                      "value": os.environ.get("PROBE_VALUE"), "main": __name__, "path0": sys.path[0]}), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    if "--wait" in sys.argv:
+        Path(os.environ["PROBE_MARK"]).write_text("started")
+        time.sleep(60)
+    sys.exit(int(sys.argv[1]))
+'''
+
+
+@pytest.fixture()
+def served(tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="llwarm-", dir="/tmp"))  # a short AF_UNIX path
+    (tmp_path / "llprobe").mkdir()
+    (tmp_path / "llprobe" / "__init__.py").write_text("from lowlabel.runner.warm import delegate\ndelegate(__name__)\n")
+    (tmp_path / "llprobe" / "main.py").write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(tmp_path)]), "PROBE_MARK": str(tmp_path / "mark")}
+    socket_path = folder / "warm.sock"
+    server = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path), "llprobe.main"],
+                              env=env, start_new_session=True)
+    env["LOWLABEL_WARM_SOCKET"] = str(socket_path)
+    deadline = time.monotonic() + 60
+    while not socket_path.exists():
+        assert server.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    # A stage that comes while the server still imports waits for it, then runs warm.
+    assert report(probe(env, tmp_path, "0"))["ppid"] == server.pid
+    yield server, env, tmp_path
+    server.terminate()
+    server.wait(timeout=30)
+    folder.rmdir() if folder.exists() and not any(folder.iterdir()) else None
+
+
+def probe(env: dict, cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llprobe.main", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+def report(out: subprocess.CompletedProcess) -> dict:
+    return json.loads(out.stdout.splitlines()[0])
+
+
+def test_a_served_stage_is_the_same_run_forked_from_the_server(served, tmp_path):
+    server, env, _ = served
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    out = probe({**env, "PROBE_VALUE": "from the stage"}, cwd, "3", "--flag")
+    assert out.returncode == 3, out.stderr
+    seen = report(out)
+    assert seen["ppid"] == server.pid  # forked from the server, not run here
+    assert seen["argv"] == ["3", "--flag"]
+    assert seen["cwd"] == str(cwd) == seen["path0"]  # the stage's folder, first on sys.path as under -m
+    assert seen["value"] == "from the stage"  # the stage's environment, not the server's
+    assert seen["main"] == "__main__"
+    assert out.stderr.strip().endswith("to stderr")  # its own streams
+    again = report(probe(env, cwd, "0"))
+    assert again["pid"] != seen["pid"] and again["ppid"] == server.pid  # a fresh child per stage
+
+
+def test_signals_reach_the_child_and_its_end_is_the_stage_processes(served, tmp_path):
+    _, env, _ = served
+    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "0", "--wait"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mark = tmp_path / "mark"
+    deadline = time.monotonic() + 30
+    while not (mark.exists() and mark.read_text() == "started"):
+        assert stage.poll() is None and time.monotonic() < deadline, stage.communicate()
+        time.sleep(0.05)
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=30) == 7  # the child's handler ran and its exit code came back
+    assert mark.read_text() == "terminated"
+
+
+def test_a_killed_stage_process_takes_its_child_with_it(served, tmp_path):
+    _, env, _ = served
+    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "0", "--wait"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mark = tmp_path / "mark"
+    deadline = time.monotonic() + 30
+    while not (mark.exists() and mark.read_text() == "started"):
+        assert stage.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    child = json.loads(stage.stdout.readline())["pid"]
+    stage.kill()
+    stage.wait()
+    deadline = time.monotonic() + 30
+    while mark.read_text() != "terminated":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while os.path.exists(f"/proc/{child}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_child_killed_by_a_signal_ends_the_stage_process_by_it(served, tmp_path):
+    _, env, _ = served
+    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "0", "--wait"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = json.loads(stage.stdout.readline())["pid"]
+    os.kill(child, signal.SIGKILL)
+    assert stage.wait(timeout=30) == -signal.SIGKILL, stage.stderr.read()
+
+
+@pytest.mark.parametrize("case", ["no server", "interpreter variable", "source changed"])
+def test_the_stage_runs_cold_where_the_server_cannot_stand_in(served, tmp_path, case):
+    server, env, _ = served
+    if case == "no server":
+        env = {**env, "LOWLABEL_WARM_SOCKET": str(tmp_path / "absent.sock")}
+    elif case == "interpreter variable":
+        env = {**env, "PYTHONWARNINGS": "ignore"}
+    else:
+        main = tmp_path / "llprobe" / "main.py"
+        main.write_text(main.read_text() + "\n# edited\n")
+    out = probe(env, tmp_path, "5")
+    assert out.returncode == 5, out.stderr
+    assert report(out)["ppid"] != server.pid  # ran in the stage's own process
+    assert server.poll() is None  # and the server serves on
+    if case == "source changed":
+        main.write_text(PROBE)
+        os.utime(main)
+        assert report(probe(env, tmp_path, "0"))["ppid"] != server.pid  # stale stays stale until a new server
