@@ -54,14 +54,15 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
     import shutil
     import tempfile
 
+    # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
+    # if there is none), decided here, before Ray is imported (it reads the mode once): the
+    # stages start before Ray does and must connect with it.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from lowlabel.runner.launch import SESSION_ENV
     from lowlabel.runner.warm import SOCKET_ENV
 
     # Short: the server's socket path must stay within AF_UNIX's 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="llsess-"))
-    # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
-    # if there is none), decided here: the stages start before Ray does and must connect with it.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     address_file, socket_path = folder / "ray.json", folder / "warm.sock"
     env = {**os.environ, SESSION_ENV: str(address_file), SOCKET_ENV: str(socket_path)}
     warm = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path)], start_new_session=True)
