@@ -31,7 +31,8 @@ def on_term(signum, frame):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_term)
     print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "ppid": os.getppid(), "pid": os.getpid(),
-                      "value": os.environ.get("PROBE_VALUE"), "main": __name__, "path0": sys.path[0]}), flush=True)
+                      "value": os.environ.get("PROBE_VALUE"), "main": __name__, "path0": sys.path[0],
+                      "stage_pid": os.environ.get("LOWLABEL_STAGE_PID")}), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if "--wait" in sys.argv:
         Path(os.environ["PROBE_MARK"]).write_text("started")
@@ -76,10 +77,14 @@ def test_a_served_stage_is_the_same_run_forked_from_the_server(served, tmp_path)
     server, env, _ = served
     cwd = tmp_path / "work"
     cwd.mkdir()
-    out = probe({**env, "PROBE_VALUE": "from the stage"}, cwd, "3", "--flag")
+    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "3", "--flag"], cwd=cwd, env={**env, "PROBE_VALUE": "from the stage"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = stage.communicate(timeout=60)
+    out = subprocess.CompletedProcess(stage.args, stage.returncode, stdout, stderr)
     assert out.returncode == 3, out.stderr
     seen = report(out)
     assert seen["ppid"] == server.pid  # forked from the server, not run here
+    assert seen["stage_pid"] == str(stage.pid)  # it knows the process DVC waits for (lowlabel.tracking.dvc_invocation)
     assert seen["argv"] == ["3", "--flag"]
     assert seen["cwd"] == str(cwd) == seen["path0"]  # the stage's folder, first on sys.path as under -m
     assert seen["value"] == "from the stage"  # the stage's environment, not the server's

@@ -107,8 +107,10 @@ def dvc_invocation() -> str | None:
         import psutil
     except ImportError:
         return None
+    from lowlabel.runner.warm import stage_pid
+
     try:
-        proc = psutil.Process().parent()
+        proc = psutil.Process(stage_pid()).parent()
         while proc is not None:
             if _is_dvc(proc.cmdline()):
                 return f"{proc.pid}@{proc.create_time():.3f}"

@@ -29,6 +29,8 @@ from typing import Any
 
 # Set by the session for the command it runs: where the server listens.
 SOCKET_ENV = "LOWLABEL_WARM_SOCKET"
+# Set in a warm child: the pid of the stage's own process (the one DVC started and waits for).
+STAGE_PID_ENV = "LOWLABEL_STAGE_PID"
 # What a stage's driver imports (the stages themselves), what logging its MLflow model and the
 # tracking store import on first use, and the training-job launcher.
 PRELOAD = (
@@ -87,7 +89,7 @@ def delegate(package: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        request = {"module": argv[2], "args": argv[3:], "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix}
+        request = {"module": argv[2], "args": argv[3:], "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix, "pid": os.getpid()}
         socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         lines = _Lines(sock)
         reply = lines.read()
@@ -121,6 +123,12 @@ def _relay(sock: socket.socket, signum: int) -> None:
         _send(sock, {"signal": signum})
     except OSError:
         pass
+
+
+def stage_pid() -> int:
+    """The pid of this stage's process as DVC sees it: this process, or the one a warm child
+    runs for (whose parent is the server, not DVC: what walks up to DVC starts there)."""
+    return int(os.environ.get(STAGE_PID_ENV) or os.getpid())
 
 
 # --- the server's side -------------------------------------------------------------------
@@ -158,6 +166,7 @@ class Server:
         self.listener.listen(16)
         self.env = dict(os.environ)
         self.stamps: dict[str, int] = {}
+        self.import_env: dict[str, str] = {}
         self.children: dict[int, _Child] = {}  # by pid
 
     def preload(self, modules: tuple[str, ...] = PRELOAD) -> None:
@@ -165,6 +174,7 @@ class Server:
 
         from lowlabel.env import configure_quiet_env
 
+        before = dict(os.environ)
         configure_quiet_env()
         for name in modules:
             try:
@@ -172,6 +182,9 @@ class Server:
             except Exception as error:  # the stage that needs it reports it, cold
                 print(f"[warm] not preloaded: {name}: {error}", file=sys.stderr, flush=True)
         self.stamps = _source_stamps()
+        # What importing set in the environment (lowlabel.stages.common's quiet defaults) a cold
+        # stage would set for itself: a child gets it too, where its own environment has none.
+        self.import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
 
     def refusal(self, request: dict[str, Any]) -> str | None:
         """Why the child would not be what a fresh interpreter would be, or None."""
@@ -243,7 +256,7 @@ class Server:
             for target, fd in enumerate(lines.fds):
                 os.dup2(fd, target)
                 os.close(fd)
-            return request
+            return {**request, "env": {**self.import_env, **request["env"]}}
         for fd in lines.fds:
             os.close(fd)
         child = self.children[pid] = _Child(pid, conn, lines)
@@ -315,6 +328,14 @@ def run_child(request: dict[str, Any]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ.pop(SOCKET_ENV, None)  # a stage's own subprocesses start cold
+    os.environ[STAGE_PID_ENV] = str(request["pid"])
+    # A fresh interpreter seeds these from the OS; forked children would all share the server's.
+    import random
+
+    import numpy as np
+
+    random.seed()
+    np.random.seed()
     sys.path[0] = request["cwd"]  # what -m puts first
     sys.argv = [request["module"], *request["args"]]
     # As under -m: the module runs as __main__ only (the server imported it by name too).
