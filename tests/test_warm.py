@@ -50,14 +50,15 @@ def served(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(tmp_path)]), "PROBE_MARK": str(tmp_path / "mark")}
     socket_path = folder / "warm.sock"
     server = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path), "llprobe.main"],
-                              env=env, start_new_session=True)
+                              env={**env, "LOWLABEL_VERBOSE": "1"}, start_new_session=True, stderr=subprocess.PIPE, text=True)
     env["LOWLABEL_WARM_SOCKET"] = str(socket_path)
     deadline = time.monotonic() + 60
     while not socket_path.exists():
         assert server.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    # A stage that comes while the server still imports waits for it, then runs warm.
+    # Served as soon as it listens, while it still imports (the child imports the rest itself).
     assert report(probe(env, tmp_path, "0"))["ppid"] == server.pid
+    assert "[warm] ready: 1 modules imported" in server.stderr.readline()
     yield server, env, tmp_path
     server.terminate()
     server.wait(timeout=30)

@@ -54,6 +54,11 @@ RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.
 ORPHAN_GRACE_S = 30.0
 
 
+def _verbose() -> bool:
+    """lowlabel.env.verbose, without importing it (this module stays standard-library only)."""
+    return os.environ.get("LOWLABEL_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
@@ -97,7 +102,7 @@ def delegate(package: str) -> None:
         reply = None
     if not reply or "pid" not in reply:
         sock.close()
-        if reply and os.environ.get("LOWLABEL_VERBOSE"):
+        if reply and _verbose():
             print(f"[warm] running {argv[2]} cold: {reply.get('refused')}", file=sys.stderr, flush=True)
         return
     for signum in RELAYED:
@@ -166,25 +171,29 @@ class Server:
         self.listener.listen(16)
         self.env = dict(os.environ)
         self.stamps: dict[str, int] = {}
+        self.before: dict[str, str] = {}
         self.import_env: dict[str, str] = {}
         self.children: dict[int, _Child] = {}  # by pid
 
-    def preload(self, modules: tuple[str, ...] = PRELOAD) -> None:
+    def preload(self, modules: tuple[str, ...]) -> None:
+        """Import the next of ``modules`` (called between requests: a stage that comes meanwhile
+        is forked with what is imported so far and imports the rest itself)."""
         import importlib
 
         from lowlabel.env import configure_quiet_env
 
-        before = dict(os.environ)
-        configure_quiet_env()
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception as error:  # the stage that needs it reports it, cold
-                print(f"[warm] not preloaded: {name}: {error}", file=sys.stderr, flush=True)
+        if not self.before:
+            self.before = dict(os.environ)
+            configure_quiet_env()
+        name = modules[0]
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # the stage that needs it reports it, cold
+            print(f"[warm] not preloaded: {name}: {error}", file=sys.stderr, flush=True)
         self.stamps = _source_stamps()
         # What importing set in the environment (lowlabel.stages.common's quiet defaults) a cold
         # stage would set for itself: a child gets it too, where its own environment has none.
-        self.import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
+        self.import_env = {k: v for k, v in os.environ.items() if self.before.get(k) != v}
 
     def refusal(self, request: dict[str, Any]) -> str | None:
         """Why the child would not be what a fresh interpreter would be, or None."""
@@ -199,17 +208,20 @@ class Server:
             return f"sources changed since the server started ({stale[0]})"
         return None
 
-    def serve(self) -> dict[str, Any]:
-        """Serve until SIGTERM (then exit); returns only in a forked child, with its request."""
+    def serve(self, preload: tuple[str, ...] = PRELOAD) -> dict[str, Any]:
+        """Import ``preload`` one module at a time, serving requests in between (the first
+        stages need the least: source and prepare come first), then serve until SIGTERM (then
+        exit); returns only in a forked child, with its request."""
         import selectors
         import time
 
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
+        pending = list(preload)
         while True:
             deadlines = [c.kill_at for c in self.children.values() if c.kill_at is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            for key, _ in self.selector.select(timeout):
+            for key, _ in self.selector.select(0 if pending else timeout):
                 if key.fileobj is self.listener:
                     conn, _ = self.listener.accept()
                     job = self.start(conn)
@@ -223,6 +235,11 @@ class Server:
                 if child.kill_at is not None and time.monotonic() >= child.kill_at:
                     _kill(child.pid, signal.SIGKILL)
                     child.kill_at = None
+            if pending:
+                self.preload(tuple(pending))
+                pending.pop(0)
+                if not pending and _verbose():
+                    print(f"[warm] ready: {len(preload)} modules imported", file=sys.stderr, flush=True)
 
     def start(self, conn: socket.socket) -> dict[str, Any] | None:
         conn.settimeout(10)
@@ -340,7 +357,7 @@ def run_child(request: dict[str, Any]) -> None:
     sys.argv = [request["module"], *request["args"]]
     # As under -m: the module runs as __main__ only (the server imported it by name too).
     sys.modules.pop(request["module"], None)
-    if os.environ.get("LOWLABEL_VERBOSE", "").strip().lower() not in ("", "0", "false", "no"):
+    if _verbose():
         print(f"[warm] {request['module']}: forked from the warm-stage server (pid {os.getppid()})", file=sys.stderr, flush=True)
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
@@ -356,8 +373,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its own session: Ctrl-C reaches stages through their process
-    server.preload(tuple(sys.argv[2:]) or PRELOAD)
-    job = server.serve()
+    job = server.serve(tuple(sys.argv[2:]) or PRELOAD)
     run_child(job)
 
 
