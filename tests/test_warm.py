@@ -95,15 +95,22 @@ def test_a_served_stage_is_the_same_run_forked_from_the_server(served, tmp_path)
     assert again["pid"] != seen["pid"] and again["ppid"] == server.pid  # a fresh child per stage
 
 
-def test_signals_reach_the_child_and_its_end_is_the_stage_processes(served, tmp_path):
-    _, env, _ = served
-    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "0", "--wait"], cwd=tmp_path, env=env,
+def waiting_stage(env: dict, folder: Path) -> subprocess.Popen:
+    """A served stage that has started and sleeps (its child wrote the mark)."""
+    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "0", "--wait"], cwd=folder, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mark = tmp_path / "mark"
+    mark = folder / "mark"
     deadline = time.monotonic() + 30
     while not (mark.exists() and mark.read_text() == "started"):
         assert stage.poll() is None and time.monotonic() < deadline, stage.communicate()
         time.sleep(0.05)
+    return stage
+
+
+def test_signals_reach_the_child_and_its_end_is_the_stage_processes(served, tmp_path):
+    _, env, _ = served
+    stage = waiting_stage(env, tmp_path)
+    mark = tmp_path / "mark"
     stage.send_signal(signal.SIGTERM)
     assert stage.wait(timeout=30) == 7  # the child's handler ran and its exit code came back
     assert mark.read_text() == "terminated"
@@ -111,13 +118,8 @@ def test_signals_reach_the_child_and_its_end_is_the_stage_processes(served, tmp_
 
 def test_a_killed_stage_process_takes_its_child_with_it(served, tmp_path):
     _, env, _ = served
-    stage = subprocess.Popen([sys.executable, "-m", "llprobe.main", "0", "--wait"], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = waiting_stage(env, tmp_path)
     mark = tmp_path / "mark"
-    deadline = time.monotonic() + 30
-    while not (mark.exists() and mark.read_text() == "started"):
-        assert stage.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
     child = json.loads(stage.stdout.readline())["pid"]
     stage.kill()
     stage.wait()
