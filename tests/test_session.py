@@ -1,7 +1,8 @@
 """One local Ray for a whole command (lowlabel.runner.session, what ./pipeline repro runs dvc under).
 
-A real Ray is started per test (~6 s), beside the command: the command's stages find it through
-the session's address file with the CPUs params.yaml asks for, a stage entry runs forked from
+A real Ray is started per test (~6 s) when the command first asks for it: the command's stages
+find it through the session's address file with the CPUs params.yaml asks for, a command that
+never asks starts none, a stage entry runs forked from
 the warm-stage server, nothing of either outlives the command whatever its end (exit code,
 SIGTERM), and a named cluster or a params.yaml that does not parse leave the command to itself.
 """
@@ -83,6 +84,7 @@ def test_a_stage_entry_runs_forked_from_the_warm_server(workdir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout
     assert "[warm] lowlabel.stages.report: forked from the warm-stage server" in out.stderr
+    assert not (cwd / "ray").exists()  # nothing asked for Ray: none was started (a no-op repro)
     assert not ray_processes_under(cwd)  # the server (its socket is under TMPDIR) and Ray are gone
 
 

@@ -26,7 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from lowlabel.env import configure_quiet_env, verbose
+from lowlabel.env import SESSION_RAY_ENV, configure_quiet_env, verbose
 from lowlabel.errors import UserError
 from lowlabel.runner.inputs import inputs_nbytes, ship_inputs
 from lowlabel.runner.metrics_sink import metrics_sink
@@ -49,8 +49,6 @@ class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run the job as configured."""
 
 
-# Set by lowlabel.runner.session for its command: the file its local Ray's address goes to.
-SESSION_ENV = "LOWLABEL_SESSION_RAY"
 SESSION_WAIT_S = 600.0
 
 
@@ -61,17 +59,19 @@ def cluster_address(configured: str | None) -> str | None:
 
 
 def session_address(timeout_s: float = SESSION_WAIT_S) -> str | None:
-    """The address of the session's local Ray, once it is up (the session starts it beside the
-    command); None outside a session."""
-    path = os.environ.get(SESSION_ENV)
+    """The address of the session's local Ray (lowlabel.runner.session starts it when the first
+    stage asks, here); None outside a session."""
+    path = os.environ.get(SESSION_RAY_ENV)
     if not path:
         return None
+    if not os.path.exists(path):
+        Path(path + ".wanted").touch()
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise ClusterError(f"the session's local Ray was not up after {timeout_s:.0f} s ({SESSION_ENV}={path})")
+            raise ClusterError(f"the session's local Ray was not up after {timeout_s:.0f} s ({SESSION_RAY_ENV}={path})")
         if not os.path.isdir(os.path.dirname(path)):
-            raise ClusterError(f"the session that was to start Ray has ended ({SESSION_ENV}={path})")
+            raise ClusterError(f"the session that was to start Ray has ended ({SESSION_RAY_ENV}={path})")
         time.sleep(0.05)
     published = json.loads(Path(path).read_text())
     if published["error"]:

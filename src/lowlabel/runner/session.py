@@ -4,9 +4,10 @@ Each training stage is a process of its own, and alone it starts an embedded Ray
 again: ~6 s and ~2 s on 2 cores, five times in the default pipeline. ``./pipeline repro`` runs
 ``dvc repro`` under this instead. One local Ray is started the way a stage would start it
 (:func:`lowlabel.runner.launch.ensure_ray`: the CPUs of ``runtime.local_num_cpus``, the same temp
-dir, the same terminal-signal handling) beside the command, its address is published to the
-stages (``LOWLABEL_SESSION_RAY``: a file they wait for, lowlabel.runner.launch.session_address),
-and it is stopped when the command ends, however it ends. The stages themselves are forked
+dir, the same terminal-signal handling) when the first stage asks for it, its address is
+published to the stages (``LOWLABEL_SESSION_RAY``: a file they wait for,
+lowlabel.runner.launch.session_address), and it is stopped when the command ends, however it
+ends; a repro with nothing to train never starts it. The stages themselves are forked
 from one process that imported the stack once (lowlabel.runner.warm). Where a cluster is named
 (``RAY_ADDRESS``, ``runtime.ray_address``) the command runs as it is.
 """
@@ -46,39 +47,42 @@ def session_wanted(params_file: Path) -> tuple[bool, int | None]:
 
 
 def run_in_session(command: list[str], num_cpus: int | None) -> int:
-    """Run ``command`` beside a local Ray started here and the warm-stage server; its exit code.
-
-    The command starts first: Ray comes up (~7 s, ~25 s with a cold page cache) while DVC checks
-    its stages and runs those that need no Ray; a stage that does waits for the address
-    (:func:`lowlabel.runner.launch.session_address`)."""
+    """Run ``command`` with the warm-stage server and a local Ray, started here when the first
+    stage asks for it (:func:`lowlabel.runner.launch.session_address`); its exit code. A repro with
+    nothing to train never starts Ray."""
     import shutil
     import tempfile
 
-    # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
-    # if there is none), decided here, before Ray is imported (it reads the mode once): the
-    # stages start before Ray does and must connect with it.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from lowlabel.runner.launch import SESSION_ENV
+    from lowlabel.env import SESSION_RAY_ENV
     from lowlabel.runner.warm import SOCKET_ENV
 
+    # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
+    # if there is none), decided before any stage imports Ray (it reads the mode once): the
+    # stages that connect to it start before it.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Short: the server's socket path must stay within AF_UNIX's 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="llsess-"))
     address_file, socket_path = folder / "ray.json", folder / "warm.sock"
-    env = {**os.environ, SESSION_ENV: str(address_file), SOCKET_ENV: str(socket_path)}
+    wanted = Path(f"{address_file}.wanted")
+    env = {**os.environ, SESSION_RAY_ENV: str(address_file), SOCKET_ENV: str(socket_path)}
     warm = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path)], start_new_session=True)
-    child = None
+    child, ray_started = None, False
     try:
+        _wait_listening(warm, socket_path)
         child = subprocess.Popen(command, env=env)
         forward = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731
         # SIGTERM for this process goes on to the command (dvc stops its stage, which closes its
         # MLflow run); a hangup reaches the command from the terminal, as Ctrl-C does.
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        start_ray(address_file, num_cpus, child)
-        signal.signal(signal.SIGTERM, forward)  # ray.init installs its own
         while True:
             try:
-                return child.wait()
+                return child.wait(timeout=None if ray_started else 0.1)
+            except subprocess.TimeoutExpired:
+                if wanted.exists():
+                    ray_started = True
+                    start_ray(address_file, num_cpus, child)
+                    signal.signal(signal.SIGTERM, forward)  # ray.init installs its own
             except KeyboardInterrupt:
                 continue  # the command got the same Ctrl-C: Ray stays up until it has unwound
     finally:
@@ -86,9 +90,20 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
             child.send_signal(signal.SIGTERM)
             child.wait()
         warm.terminate()
-        _stop_ray()
+        if ray_started:
+            _stop_ray()
         warm.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_listening(server: subprocess.Popen, socket_path: Path, timeout_s: float = 10.0) -> None:
+    """Until the warm-stage server listens (~0.1 s: it binds before importing anything), so the
+    first stage is served too; a server that fails to come up only leaves the stages cold."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not socket_path.exists() and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def publish_session_address(path: Path, *, address: str | None = None, error: str | None = None) -> None:
