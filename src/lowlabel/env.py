@@ -28,8 +28,9 @@ QUIET_ENV: dict[str, str] = {
 # ``LOWLABEL_VERBOSE=1`` brings Ray's own INFO logs back (see :func:`verbose`).
 VERBOSE_ENV = "LOWLABEL_VERBOSE"
 # Set by lowlabel.runner.session for its command: the file its local Ray's address is published
-# to. A stage that needs Ray creates this path + ".wanted" and waits for the file.
+# to. A stage that needs Ray creates this path + SESSION_RAY_WANTED and waits for the file.
 SESSION_RAY_ENV = "LOWLABEL_SESSION_RAY"
+SESSION_RAY_WANTED = ".wanted"
 
 # Applied unless verbose. Ray Train 2.60 starts a PreemptionWatcher actor per job whose only
 # work is to log node drains (spot preemptions); creating it makes the controller's core

@@ -26,7 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from lowlabel.env import SESSION_RAY_ENV, configure_quiet_env, verbose
+from lowlabel.env import SESSION_RAY_ENV, SESSION_RAY_WANTED, configure_quiet_env, verbose
 from lowlabel.errors import UserError
 from lowlabel.runner.inputs import inputs_nbytes, ship_inputs
 from lowlabel.runner.metrics_sink import metrics_sink
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 CHECKPOINTS_KEPT = 2
 HEALTH_CHECK_INTERVAL_S = 0.5
+# How long a stage waits for the session's Ray to start (~7 s; ~25 s with a cold page cache).
+SESSION_WAIT_S = 600.0
 # The standard AWS variables pyarrow's S3 filesystem reads (endpoint, credentials, region).
 STORAGE_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -47,9 +49,6 @@ STORAGE_ENV = (
 
 class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run the job as configured."""
-
-
-SESSION_WAIT_S = 600.0
 
 
 def cluster_address(configured: str | None) -> str | None:
@@ -65,7 +64,7 @@ def session_address(timeout_s: float = SESSION_WAIT_S) -> str | None:
     if not path:
         return None
     if not os.path.exists(path):
-        Path(path + ".wanted").touch()
+        Path(path + SESSION_RAY_WANTED).touch()
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(path):
         if time.monotonic() > deadline:

@@ -53,7 +53,7 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
     import shutil
     import tempfile
 
-    from lowlabel.env import SESSION_RAY_ENV
+    from lowlabel.env import SESSION_RAY_ENV, SESSION_RAY_WANTED
     from lowlabel.runner.warm import SOCKET_ENV
 
     # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
@@ -63,7 +63,7 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
     # Short: the server's socket path must stay within AF_UNIX's 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="llsess-"))
     address_file, socket_path = folder / "ray.json", folder / "warm.sock"
-    wanted = Path(f"{address_file}.wanted")
+    wanted = Path(f"{address_file}{SESSION_RAY_WANTED}")
     env = {**os.environ, SESSION_RAY_ENV: str(address_file), SOCKET_ENV: str(socket_path)}
     warm = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path)], start_new_session=True)
     child, ray_started = None, False
@@ -110,9 +110,9 @@ def publish_session_address(path: Path, *, address: str | None = None, error: st
     """For the session's stages: its Ray's address, or why there is none."""
     import json
 
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"address": address, "error": error}))
-    tmp.replace(path)
+    from lowlabel.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"address": address, "error": error}))
 
 
 def start_ray(address_file: Path, num_cpus: int | None, child: subprocess.Popen) -> None:

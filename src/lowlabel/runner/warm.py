@@ -14,7 +14,8 @@ The stage runs cold, as without a server, whenever the server cannot stand in fo
 interpreter: no server, a different interpreter or ``PYTHON*`` variable, interpreter options
 before ``-m``, or lowlabel's sources changed since the server imported them.
 
-This module is imported by every stage entry before anything else: standard library only.
+This module is imported by every stage entry before anything else: standard library only (and
+lowlabel.env, which is too).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+
+from lowlabel.env import verbose
 
 # Set by the session for the command it runs: where the server listens.
 SOCKET_ENV = "LOWLABEL_WARM_SOCKET"
@@ -52,11 +55,6 @@ PRELOAD = (
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 # A stage process that dies without a word (SIGKILL): its child gets SIGTERM, then this long to unwind.
 ORPHAN_GRACE_S = 30.0
-
-
-def _verbose() -> bool:
-    """lowlabel.env.verbose, without importing it (this module stays standard-library only)."""
-    return os.environ.get("LOWLABEL_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -102,7 +100,7 @@ def delegate(package: str) -> None:
         reply = None
     if not reply or "pid" not in reply:
         sock.close()
-        if reply and _verbose():
+        if reply and verbose():
             print(f"[warm] running {argv[2]} cold: {reply.get('refused')}", file=sys.stderr, flush=True)
         return
     for signum in RELAYED:
@@ -139,22 +137,6 @@ def stage_pid() -> int:
 # --- the server's side -------------------------------------------------------------------
 
 
-def _source_stamps() -> dict[str, int]:
-    """Modification times of every module this process has imported from lowlabel or from a
-    ``PYTHONPATH`` folder (the code being worked on; installed packages do not change mid-repro)."""
-    roots = [Path(__file__).resolve().parents[1]]
-    roots += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    stamps = {}
-    for module in list(sys.modules.values()):
-        file = getattr(module, "__file__", None)
-        if file and any(Path(file).resolve().is_relative_to(root) for root in roots):
-            try:
-                stamps[file] = os.stat(file).st_mtime_ns
-            except OSError:
-                stamps[file] = -1
-    return stamps
-
-
 class _Child:
     def __init__(self, pid: int, conn: socket.socket, lines: _Lines) -> None:
         self.pid, self.conn, self.lines = pid, conn, lines
@@ -170,14 +152,19 @@ class Server:
         # Listening before the imports: a stage that starts meanwhile waits for them, it does not run cold.
         self.listener.listen(16)
         self.env = dict(os.environ)
+        # The code being worked on: lowlabel and the PYTHONPATH folders (installed packages do
+        # not change mid-repro). Modification times of the modules imported from there.
+        self.roots = [Path(__file__).resolve().parents[1]]
+        self.roots += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         self.stamps: dict[str, int] = {}
+        self.stamped: set[str] = set()  # modules already looked at
         self.before: dict[str, str] = {}
         self.import_env: dict[str, str] = {}
         self.children: dict[int, _Child] = {}  # by pid
 
-    def preload(self, modules: tuple[str, ...]) -> None:
-        """Import the next of ``modules`` (called between requests: a stage that comes meanwhile
-        is forked with what is imported so far and imports the rest itself)."""
+    def preload(self, name: str) -> None:
+        """Import one more module (called between requests: a stage that comes meanwhile is forked
+        with what is imported so far and imports the rest itself)."""
         import importlib
 
         from lowlabel.env import configure_quiet_env
@@ -185,15 +172,25 @@ class Server:
         if not self.before:
             self.before = dict(os.environ)
             configure_quiet_env()
-        name = modules[0]
         try:
             importlib.import_module(name)
         except Exception as error:  # the stage that needs it reports it, cold
             print(f"[warm] not preloaded: {name}: {error}", file=sys.stderr, flush=True)
-        self.stamps = _source_stamps()
+        self.stamp_sources()
         # What importing set in the environment (lowlabel.stages.common's quiet defaults) a cold
         # stage would set for itself: a child gets it too, where its own environment has none.
         self.import_env = {k: v for k, v in os.environ.items() if self.before.get(k) != v}
+
+    def stamp_sources(self) -> None:
+        """Record the modification time of each module imported since the last call from the
+        roots (each module is looked at once: there are ~5,000 after the preload)."""
+        for name, module in list(sys.modules.items()):
+            if name in self.stamped:
+                continue
+            self.stamped.add(name)
+            file = getattr(module, "__file__", None)
+            if file and any(Path(file).resolve().is_relative_to(root) for root in self.roots):
+                self.stamps[file] = _mtime(file)
 
     def refusal(self, request: dict[str, Any]) -> str | None:
         """Why the child would not be what a fresh interpreter would be, or None."""
@@ -236,9 +233,8 @@ class Server:
                     _kill(child.pid, signal.SIGKILL)
                     child.kill_at = None
             if pending:
-                self.preload(tuple(pending))
-                pending.pop(0)
-                if not pending and _verbose():
+                self.preload(pending.pop(0))
+                if not pending and verbose():
                     print(f"[warm] ready: {len(preload)} modules imported", file=sys.stderr, flush=True)
 
     def start(self, conn: socket.socket) -> dict[str, Any] | None:
@@ -357,7 +353,7 @@ def run_child(request: dict[str, Any]) -> None:
     sys.argv = [request["module"], *request["args"]]
     # As under -m: the module runs as __main__ only (the server imported it by name too).
     sys.modules.pop(request["module"], None)
-    if _verbose():
+    if verbose():
         print(f"[warm] {request['module']}: forked from the warm-stage server (pid {os.getppid()})", file=sys.stderr, flush=True)
     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
