@@ -12,8 +12,10 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from lowlabel.env import SESSION_RAY_ENV, SESSION_RAY_WANTED, configure_quiet_env, verbose
 from lowlabel.errors import UserError
+from lowlabel.runner import warm
 from lowlabel.runner.inputs import inputs_nbytes, ship_inputs
 from lowlabel.runner.metrics_sink import metrics_sink
 from lowlabel.runner.storage import Storage, StorageError
@@ -75,7 +78,12 @@ def session_address(timeout_s: float = SESSION_WAIT_S) -> str | None:
     published = json.loads(Path(path).read_text())
     if published["error"]:
         raise ClusterError(published["error"])
+    _session["address"] = published["address"]
     return published["address"]
+
+
+# The session's Ray address, once session_address has read it.
+_session: dict[str, str] = {}
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -108,6 +116,12 @@ def ensure_ray(address: str | None, local_num_cpus: int | None = None, object_st
         # Ray Train's per-report INFO lines come from a logger RunConfig's LoggingConfig does
         # not reach; each worker process raises it (LOWLABEL_VERBOSE=1 keeps Ray's logs).
         runtime_env["worker_process_setup_hook"] = "lowlabel.env.quiet_ray_worker_logs"
+    server = os.environ.get(warm.WORKER_SOCKET_ENV)
+    if address and address == _session.get("address") and server:
+        # The session's own Ray, on this machine: its workers are forked from the warm-stage
+        # server, with the stack imported (lowlabel.runner.warm_worker).
+        runtime_env["py_executable"] = f"{shlex.quote(sys.executable)} -m lowlabel.runner.warm_worker"
+        runtime_env["env_vars"][warm.WORKER_SOCKET_ENV] = server
     if address:
         check_reachable(address)
         try:

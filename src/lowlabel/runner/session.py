@@ -54,7 +54,7 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
     import tempfile
 
     from lowlabel.env import SESSION_RAY_ENV, SESSION_RAY_WANTED
-    from lowlabel.runner.warm import SOCKET_ENV
+    from lowlabel.runner.warm import SOCKET_ENV, WORKER_PRELOAD, WORKER_SOCKET_ENV
 
     # What ray.init does for a new local Ray when the mode is unset (token auth on, a token made
     # if there is none), decided before any stage imports Ray (it reads the mode once): the
@@ -62,10 +62,12 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Short: the server's socket path must stay within AF_UNIX's 107 bytes.
     folder = Path(tempfile.mkdtemp(prefix="llsess-"))
-    address_file, socket_path = folder / "ray.json", folder / "warm.sock"
+    address_file, socket_path, worker_socket_path = folder / "ray.json", folder / "warm.sock", folder / "worker.sock"
     wanted = Path(f"{address_file}{SESSION_RAY_WANTED}")
-    env = {**os.environ, SESSION_RAY_ENV: str(address_file), SOCKET_ENV: str(socket_path)}
+    env = {**os.environ, SESSION_RAY_ENV: str(address_file), SOCKET_ENV: str(socket_path), WORKER_SOCKET_ENV: str(worker_socket_path)}
     warm = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path)], start_new_session=True)
+    # The Ray workers' own: Ray is imported in each of them (see warm.Server.refusal).
+    warm_workers = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(worker_socket_path), *WORKER_PRELOAD], start_new_session=True)
     child, ray_started = None, False
     try:
         _wait_listening(warm, socket_path)
@@ -92,7 +94,9 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
         warm.terminate()
         if ray_started:
             _stop_ray()
+        warm_workers.terminate()
         warm.wait()
+        warm_workers.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -25,13 +25,17 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lowlabel.env import verbose
 
 # Set by the session for the command it runs: where the server listens.
 SOCKET_ENV = "LOWLABEL_WARM_SOCKET"
+# Set by the session too: where the server listens that forks the Ray workers of its local Ray
+# (lowlabel.runner.warm_worker; passed on to them by lowlabel.runner.launch.ensure_ray).
+WORKER_SOCKET_ENV = "LOWLABEL_WARM_WORKER_SOCKET"
 # Set in a warm child: the pid of the stage's own process (the one DVC started and waits for).
 STAGE_PID_ENV = "LOWLABEL_STAGE_PID"
 # What a stage's driver imports (the stages themselves), what logging its MLflow model and the
@@ -50,6 +54,17 @@ PRELOAD = (
     "mlflow.pytorch",
     "mlflow.store.tracking.sqlalchemy_store",
     "torch.export._trace",  # what torch.export.export imports on first use (torch._dynamo: ~2 s)
+)
+# What the session's Ray workers import, less Ray (lowlabel.runner.warm_worker): torch, timm
+# (torchvision, torch._dynamo), the augmentation libraries, and what of lowlabel needs no Ray.
+WORKER_PRELOAD = (
+    "torch",
+    "timm",
+    "albumentations",
+    "kornia",
+    "lowlabel.data.augment",
+    "lowlabel.data.device_augment",
+    "lowlabel.models.encoders",
 )
 # Signals a stage process passes on to its warm child (what a terminal, DVC or a scheduler sends).
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -89,10 +104,24 @@ def delegate(package: str) -> None:
     argv = getattr(sys, "orig_argv", [])
     if not path or len(argv) < 3 or argv[1] != "-m" or not argv[2].startswith(package + "."):
         return
+    _hand_over(path, {"module": argv[2], "args": argv[3:]}, argv[2])
+
+
+def delegate_script(argv: list[str]) -> None:
+    """Run ``python SCRIPT ARGS`` (``argv``: a Ray worker's command line, lowlabel.runner.warm_worker)
+    in a warm child when a server is up for it; returns when none can (then this process execs
+    the interpreter itself). Never returns otherwise."""
+    path = os.environ.get(WORKER_SOCKET_ENV)
+    if not path or not argv or argv[0].startswith("-"):  # interpreter options: not ours to stand in for
+        return
+    _hand_over(path, {"script": os.path.abspath(argv[0]), "args": argv[1:]}, os.path.basename(argv[0]))
+
+
+def _hand_over(path: str, what: dict[str, Any], label: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        request = {"module": argv[2], "args": argv[3:], "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix, "pid": os.getpid()}
+        request = {**what, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix, "pid": os.getpid()}
         socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         lines = _Lines(sock)
         reply = lines.read()
@@ -101,7 +130,7 @@ def delegate(package: str) -> None:
     if not reply or "pid" not in reply:
         sock.close()
         if reply and verbose():
-            print(f"[warm] running {argv[2]} cold: {reply.get('refused')}", file=sys.stderr, flush=True)
+            print(f"[warm] running {label} cold: {reply.get('refused')}", file=sys.stderr, flush=True)
         return
     for signum in RELAYED:
         signal.signal(signum, lambda signum, frame: _relay(sock, signum))
@@ -110,7 +139,7 @@ def delegate(package: str) -> None:
     except OSError:
         outcome = None
     if outcome is None:
-        print(f"error: the warm-stage server stopped while {argv[2]} ran (pid {reply['pid']})", file=sys.stderr, flush=True)
+        print(f"error: the warm-stage server stopped while {label} ran (pid {reply['pid']})", file=sys.stderr, flush=True)
         os._exit(1)
     if "signal" in outcome:
         signum = int(outcome["signal"])
@@ -194,10 +223,18 @@ class Server:
 
     def refusal(self, request: dict[str, Any]) -> str | None:
         """Why the child would not be what a fresh interpreter would be, or None."""
+        if "script" in request and "ray._raylet" in sys.modules:
+            # Ray's core library reads the worker's job id from the environment when it loads:
+            # a worker must load it itself (the server of Ray workers never imports Ray).
+            return "Ray is imported in this server"
         if (os.path.realpath(request["executable"]), request["prefix"]) != (os.path.realpath(sys.executable), sys.prefix):
             return f"another interpreter or environment ({request['executable']}, {request['prefix']})"
         startup = {k for k in {**self.env, **request["env"]} if k.startswith("PYTHON")}
         changed = sorted(k for k in startup if self.env.get(k) != request["env"].get(k))
+        if "script" in request and "PYTHONPATH" in changed and _on_path(request["env"].get("PYTHONPATH", "")):
+            # A Ray worker's PYTHONPATH names lowlabel's sources for other nodes (ensure_ray):
+            # here they are on the path already.
+            changed.remove("PYTHONPATH")
         if changed:
             return f"interpreter variables differ: {', '.join(changed)}"
         stale = [f for f, stamp in self.stamps.items() if _mtime(f) != stamp]
@@ -269,6 +306,8 @@ class Server:
             for target, fd in enumerate(lines.fds):
                 os.dup2(fd, target)
                 os.close(fd)
+            if "script" in request:  # a Ray worker: its environment as Ray made it
+                return request
             return {**request, "env": {**self.import_env, **request["env"]}}
         for fd in lines.fds:
             os.close(fd)
@@ -319,6 +358,12 @@ class Server:
             pass
 
 
+def _on_path(pythonpath: str) -> bool:
+    """Whether every folder of ``pythonpath`` is on this interpreter's sys.path already."""
+    here = {os.path.realpath(p) for p in sys.path if p}
+    return all(os.path.realpath(p) in here for p in pythonpath.split(os.pathsep) if p)
+
+
 def _mtime(file: str) -> int:
     try:
         return os.stat(file).st_mtime_ns
@@ -334,14 +379,14 @@ def _kill(pid: int, signum: int) -> None:
 
 
 def run_child(request: dict[str, Any]) -> None:
-    """In the forked child: become ``python -m <module> <args>`` in the stage's cwd and environment."""
+    """In the forked child: become ``python -m <module> <args>`` (a stage) or ``python <script>
+    <args>`` (a Ray worker) in the requester's cwd and environment."""
     import runpy
 
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ.pop(SOCKET_ENV, None)  # a stage's own subprocesses start cold
-    os.environ[STAGE_PID_ENV] = str(request["pid"])
     # A fresh interpreter seeds these from the OS; forked children would all share the server's.
     import random
 
@@ -349,13 +394,53 @@ def run_child(request: dict[str, Any]) -> None:
 
     random.seed()
     np.random.seed()
+    if "script" in request:
+        # A process group of its own, as the process Ray started has: Ray stops a worker and what
+        # it started by its group, which would otherwise be the server's (and every worker's).
+        os.setpgid(0, 0)
+        sys.path[0] = os.path.dirname(request["script"])  # what `python SCRIPT` puts first
+        sys.argv = [request["script"], *request["args"]]
+        if verbose():
+            print(f"[warm] {os.path.basename(request['script'])}: forked from the warm-stage server (pid {os.getppid()})", file=sys.stderr, flush=True)
+        runpy.run_path(request["script"], run_name="__main__")
+        return
+    os.environ[STAGE_PID_ENV] = str(request["pid"])
     sys.path[0] = request["cwd"]  # what -m puts first
     sys.argv = [request["module"], *request["args"]]
     # As under -m: the module runs as __main__ only (the server imported it by name too).
     sys.modules.pop(request["module"], None)
     if verbose():
         print(f"[warm] {request['module']}: forked from the warm-stage server (pid {os.getppid()})", file=sys.stderr, flush=True)
-    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    _exit_after(lambda: runpy.run_module(request["module"], run_name="__main__", alter_sys=True))
+
+
+def _exit_after(run: Callable[[], object]) -> NoReturn:
+    """Run a stage, then end this process as the interpreter would (non-daemon threads joined,
+    atexit handlers run, streams flushed, the exit code a SystemExit carries) without tearing
+    down its modules: ~2-3 s for a child with torch, Ray and MLflow loaded, all of it freeing
+    memory the exit frees anyway. An uncaught exception ends it the usual way."""
+    import atexit
+    import threading
+
+    try:
+        run()
+        code = 0
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+            code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main() -> None:
