@@ -88,6 +88,36 @@ def test_a_stage_entry_runs_forked_from_the_warm_server(workdir):
     assert not ray_processes_under(cwd)  # the server (its socket is under TMPDIR) and Ray are gone
 
 
+WORKER_PARENT = """
+import os, ray
+from lowlabel.runner.launch import cluster_address, ensure_ray
+
+@ray.remote
+def where():
+    return open(f"/proc/{os.getppid()}/cmdline").read().split("\\0"), os.getpgid(0) == os.getpid(), os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)
+
+ensure_ray(cluster_address(None))
+parent, own_group, pid, nice = ray.get(where.remote())
+print("PARENT", " ".join(parent[1:4]), "OWN-GROUP", own_group)
+print("NICE", nice - os.getpriority(os.PRIO_PROCESS, 0))
+print("PID", pid)
+"""
+
+
+def test_the_session_rays_workers_are_forked_from_the_warm_worker_server(workdir):
+    cwd, env = workdir
+    (cwd / "job.py").write_text(WORKER_PARENT)
+    out = session([sys.executable, "job.py"], cwd, env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The Ray worker that ran the task: a child of the server of Ray workers, in its own group.
+    line = next(line for line in out.stdout.splitlines() if line.startswith("PARENT"))
+    assert line.startswith("PARENT -m lowlabel.runner.warm ") and line.endswith("worker.sock OWN-GROUP True"), line
+    assert "NICE 15" in out.stdout  # Ray's worker_niceness, as for the process Ray started
+    assert not ray_processes_under(cwd)
+    worker = int(next(line for line in out.stdout.splitlines() if line.startswith("PID")).split()[1])
+    assert not Path(f"/proc/{worker}").exists()  # gone with the session
+
+
 @pytest.mark.parametrize("case", ["cluster named", "params broken"])
 def test_no_local_ray_where_a_cluster_is_named_or_the_params_do_not_parse(workdir, case):
     cwd, env = workdir

@@ -29,6 +29,12 @@ def on_term(signum, frame):
     sys.exit(7)
 
 if __name__ == "__main__":
+    if "--exit-message" in sys.argv:  # what the interpreter does at exit, without its teardown
+        import atexit, threading
+        atexit.register(lambda: Path(os.environ["PROBE_MARK"] + ".atexit").write_text("ran"))
+        threading.Thread(target=lambda: (time.sleep(0.5), Path(os.environ["PROBE_MARK"] + ".thread").write_text("ran"))).start()
+        sys.stdout.write("unflushed")
+        sys.exit("the stage's message")
     signal.signal(signal.SIGTERM, on_term)
     print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "ppid": os.getppid(), "pid": os.getpid(),
                       "value": os.environ.get("PROBE_VALUE"), "main": __name__, "path0": sys.path[0],
@@ -159,3 +165,71 @@ def test_the_stage_runs_cold_where_the_server_cannot_stand_in(served, tmp_path, 
         main.write_text(PROBE)
         os.utime(main)
         assert report(probe(env, tmp_path, "0"))["ppid"] != server.pid  # stale stays stale until a new server
+
+
+def test_a_warm_stage_ends_as_the_interpreter_would(served, tmp_path):
+    _, env, _ = served
+    out = probe(env, tmp_path, "0", "--exit-message")
+    assert out.returncode == 1  # a SystemExit with a message: 1, the message on stderr
+    assert out.stderr.strip().endswith("the stage's message")
+    assert out.stdout == "unflushed"  # streams flushed
+    assert (tmp_path / "mark.atexit").read_text() == "ran"  # atexit handlers ran
+    assert (tmp_path / "mark.thread").read_text() == "ran"  # a non-daemon thread was waited for
+
+
+WORKER = '''
+import json, os, sys
+print(json.dumps({"argv": sys.argv, "ppid": os.getppid(), "pid": os.getpid(), "pgid": os.getpgid(0), "path0": sys.path[0],
+                  "value": os.environ.get("PROBE_VALUE"), "socket": os.environ.get("LOWLABEL_WARM_WORKER_SOCKET"),
+                  "nice": os.getpriority(os.PRIO_PROCESS, 0)}), flush=True)
+sys.exit(4)
+'''
+
+
+def test_a_ray_worker_command_is_forked_as_python_script_would_run(served, tmp_path):
+    """What Ray runs for a worker of the session's Ray (lowlabel.runner.warm_worker SCRIPT ARGS):
+    the script forked from the server, in a process group of its own (Ray stops workers by group)."""
+    server, env, _ = served
+    (tmp_path / "bin").mkdir()
+    script = tmp_path / "bin" / "default_worker.py"
+    script.write_text(WORKER)
+    env = {**env, "LOWLABEL_WARM_WORKER_SOCKET": env.pop("LOWLABEL_WARM_SOCKET"), "PROBE_VALUE": "from Ray"}
+    # Ray's worker environment names lowlabel's sources for other nodes; here they are on the path.
+    env["PYTHONPATH"] += os.pathsep + str(REPO / "src")
+    # Ray starts its workers at nice 15: the forked one runs at its launcher's priority too.
+    out = subprocess.run([sys.executable, "-m", "lowlabel.runner.warm_worker", str(script), "--node-ip-address=x"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.nice(5))
+    assert out.returncode == 4, out.stderr
+    seen = report(out)
+    assert seen["ppid"] == server.pid
+    assert seen["pgid"] == seen["pid"]
+    assert seen["nice"] == os.getpriority(os.PRIO_PROCESS, 0) + 5
+    assert seen["argv"] == [str(script), "--node-ip-address=x"]
+    assert seen["path0"] == str(script.parent)  # as `python SCRIPT` puts it
+    assert seen["value"] == "from Ray" and seen["socket"] == env["LOWLABEL_WARM_WORKER_SOCKET"]  # Ray's environment, whole
+
+
+def test_a_ray_worker_runs_cold_where_ray_is_imported_in_the_server(tmp_path):
+    """Ray's core library takes the worker's job id from the environment when it loads: a server
+    that has loaded it cannot stand in for a worker, which then runs as Ray would start it."""
+    folder = Path(tempfile.mkdtemp(prefix="llwarm-", dir="/tmp"))
+    socket_path = folder / "worker.sock"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LOWLABEL_VERBOSE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm", str(socket_path), "ray"], env=env,
+                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "[warm] ready: 1 modules imported" in server.stderr.readline()
+        script = tmp_path / "default_worker.py"
+        script.write_text(WORKER)
+        launcher = subprocess.Popen([sys.executable, "-m", "lowlabel.runner.warm_worker", str(script)], cwd=tmp_path,
+                                    env={**env, "LOWLABEL_WARM_WORKER_SOCKET": str(socket_path)}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        stdout, stderr = launcher.communicate(timeout=60)
+        assert launcher.returncode == 4, stderr
+        assert json.loads(stdout.splitlines()[0])["pid"] == launcher.pid  # the interpreter exec'd in place
+        assert "running default_worker.py cold: Ray is imported in this server" in stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()

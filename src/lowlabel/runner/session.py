@@ -8,7 +8,8 @@ dir, the same terminal-signal handling) when the first stage asks for it, its ad
 published to the stages (``LOWLABEL_SESSION_RAY``: a file they wait for,
 lowlabel.runner.launch.session_address), and it is stopped when the command ends, however it
 ends; a repro with nothing to train never starts it. The stages themselves are forked
-from one process that imported the stack once (lowlabel.runner.warm). Where a cluster is named
+from one process that imported the stack once, and that Ray's workers from another
+(lowlabel.runner.warm). Where a cluster is named
 (``RAY_ADDRESS``, ``runtime.ray_address``) the command runs as it is.
 """
 
@@ -92,9 +93,9 @@ def run_in_session(command: list[str], num_cpus: int | None) -> int:
             child.send_signal(signal.SIGTERM)
             child.wait()
         warm.terminate()
+        warm_workers.terminate()
         if ray_started:
             _stop_ray()
-        warm_workers.terminate()
         warm.wait()
         warm_workers.wait()
         shutil.rmtree(folder, ignore_errors=True)
@@ -157,4 +158,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lowlabel.runner.warm import exit_without_teardown
+
+    exit_without_teardown(main())  # Ray's modules take ~1 s to tear down, for nothing

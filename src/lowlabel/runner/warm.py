@@ -12,7 +12,15 @@ and starts no Ray of its own (the server never initialises Ray, so forking it is
 
 The stage runs cold, as without a server, whenever the server cannot stand in for a fresh
 interpreter: no server, a different interpreter or ``PYTHON*`` variable, interpreter options
-before ``-m``, or lowlabel's sources changed since the server imported them.
+before ``-m``, or lowlabel's sources changed since the server imported them. A warm stage ends
+as the interpreter would, less the 2-3 s of module teardown (:func:`exit_without_teardown`).
+
+The Ray workers of the session's own Ray are served the same way by a second server
+(:data:`WORKER_PRELOAD`: torch, timm, the augmentation libraries; never Ray, whose core library
+takes a worker's job id from the environment when it loads): Ray runs
+``lowlabel.runner.warm_worker default_worker.py ARGS`` for each (:func:`delegate_script`), and
+the child runs the script as ``python`` would, in a process group of its own at the launcher's
+priority (Ray stops a worker by its group and starts it at nice 15), with Ray's environment.
 
 This module is imported by every stage entry before anything else: standard library only (and
 lowlabel.env, which is too).
@@ -62,6 +70,8 @@ WORKER_PRELOAD = (
     "timm",
     "albumentations",
     "kornia",
+    "pandas",  # what Ray Train imports that imports no Ray: ~0.25 s of CPU in each process
+    "pyarrow.fs",
     "lowlabel.data.augment",
     "lowlabel.data.device_augment",
     "lowlabel.models.encoders",
@@ -121,7 +131,8 @@ def _hand_over(path: str, what: dict[str, Any], label: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        request = {**what, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix, "pid": os.getpid()}
+        request = {**what, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable, "prefix": sys.prefix, "pid": os.getpid(),
+                   "nice": os.getpriority(os.PRIO_PROCESS, 0)}
         socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         lines = _Lines(sock)
         reply = lines.read()
@@ -384,6 +395,12 @@ def run_child(request: dict[str, Any]) -> None:
     import runpy
 
     os.chdir(request["cwd"])
+    # The requester's scheduling priority: Ray starts its workers at nice 15 (worker_niceness),
+    # below its own daemons and the drivers; a child would otherwise have the server's.
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
+    except OSError:  # a lower value than the server's needs privileges: keep the server's
+        pass
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ.pop(SOCKET_ENV, None)  # a stage's own subprocesses start cold
@@ -415,13 +432,8 @@ def run_child(request: dict[str, Any]) -> None:
 
 
 def _exit_after(run: Callable[[], object]) -> NoReturn:
-    """Run a stage, then end this process as the interpreter would (non-daemon threads joined,
-    atexit handlers run, streams flushed, the exit code a SystemExit carries) without tearing
-    down its modules: ~2-3 s for a child with torch, Ray and MLflow loaded, all of it freeing
-    memory the exit frees anyway. An uncaught exception ends it the usual way."""
-    import atexit
-    import threading
-
+    """Run a stage, then end this process as the interpreter would, less its teardown
+    (:func:`exit_without_teardown`). An uncaught exception ends it the usual way."""
     try:
         run()
         code = 0
@@ -431,6 +443,16 @@ def _exit_after(run: Callable[[], object]) -> NoReturn:
         else:
             print(exit.code, file=sys.stderr)
             code = 1
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End this process as the interpreter would (non-daemon threads joined, atexit handlers run,
+    streams flushed) without tearing down its modules: 1-3 s for a process with torch, Ray and
+    MLflow loaded, all of it freeing memory the exit frees anyway."""
+    import atexit
+    import threading
+
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
@@ -450,7 +472,7 @@ def main() -> None:
 
     def stop(signum: int, frame: Any) -> None:
         server.stop(signum)
-        raise SystemExit(0)
+        exit_without_teardown(0)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its own session: Ctrl-C reaches stages through their process
