@@ -20,6 +20,8 @@ import sys
 import threading
 import traceback
 
+from lowlabel.runner.warm import exit_code
+
 
 def run_child(job: dict) -> int:
     os.chdir(job["cwd"])
@@ -30,11 +32,7 @@ def run_child(job: dict) -> int:
         runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exit:
-        if exit.code is None or isinstance(exit.code, int):
-            code = exit.code or 0
-        else:
-            print(exit.code, file=sys.stderr)
-            code = 1
+        code = exit_code(exit)
     except BaseException:
         traceback.print_exc()
         code = 1

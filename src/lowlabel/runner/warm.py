@@ -438,12 +438,16 @@ def _exit_after(run: Callable[[], object]) -> NoReturn:
         run()
         code = 0
     except SystemExit as exit:
-        if exit.code is None or isinstance(exit.code, int):
-            code = exit.code or 0
-        else:
-            print(exit.code, file=sys.stderr)
-            code = 1
+        code = exit_code(exit)
     exit_without_teardown(code)
+
+
+def exit_code(exit: SystemExit) -> int:
+    """The status the interpreter ends with for an uncaught ``exit`` (a message: printed, 1)."""
+    if exit.code is None or isinstance(exit.code, int):
+        return exit.code or 0
+    print(exit.code, file=sys.stderr)
+    return 1
 
 
 def exit_without_teardown(code: int) -> NoReturn:
