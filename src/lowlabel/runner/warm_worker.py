@@ -6,9 +6,10 @@ and Ray Train's helper actors); each imports Ray, most of them torch, the worker
 albumentations and kornia too: ~20 s of CPU, ~12 s before a job's first step on 2 cores.
 lowlabel.runner.launch.ensure_ray names this module as the workers' interpreter
 (``runtime_env["py_executable"]``) when the job runs on the session's own Ray: the worker
-(``default_worker.py`` and its arguments) is then forked from the warm-stage server, which has
-all of that imported already (lowlabel.runner.warm). Where it cannot be (no server, another
-interpreter, changed sources), this process becomes the interpreter Ray would have started.
+(``default_worker.py`` and its arguments) is then forked from the session's server of Ray
+workers, which has torch, timm and the augmentation libraries imported (not Ray: each worker
+loads it itself, see lowlabel.runner.warm). Where it cannot be (no server, another interpreter,
+changed sources), this process becomes the interpreter Ray would have started.
 """
 
 import os
